@@ -1,0 +1,93 @@
+// pybind11 module fastlangevin._C: the CPU backend. Pointers come in as Python ints (tensor.data_ptr()); the GIL is
+// released while the kernel runs.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "fastlangevin/cpu.h"
+#include "fastlangevin/langevin_step.h"
+
+namespace py = pybind11;
+namespace flc = fastlangevin::cpu;
+
+#ifndef FASTLANGEVIN_VERSION
+#define FASTLANGEVIN_VERSION "unknown"
+#endif
+#ifndef FASTLANGEVIN_CXX_COMPILER
+#define FASTLANGEVIN_CXX_COMPILER "unknown"
+#endif
+#ifndef FASTLANGEVIN_CXX_FLAGS
+#define FASTLANGEVIN_CXX_FLAGS ""
+#endif
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+[[noreturn]] void bad_dtype(const char* fn, int dtype) {
+  throw py::value_error(std::string(fn) + ": the CPU backend supports dtype 0 (float32) and 1 (float64), got " +
+                        std::to_string(dtype) + "; compute float16/bfloat16 in float32 and cast");
+}
+
+void langevin_step(uintptr_t z, uintptr_t grad, uintptr_t out, int64_t n, int64_t D, int prior_kind, uintptr_t mean,
+                   uintptr_t inv_var, uintptr_t rng_state, double step_size, double noise_scale, int dtype,
+                   int n_threads) {
+  flc::check_step_args(n, D, prior_kind, ptr<void>(mean), ptr<void>(inv_var), ptr<void>(rng_state), noise_scale);
+  if (dtype != fastlangevin::kFloat32 && dtype != fastlangevin::kFloat64) bad_dtype("langevin_step", dtype);
+  py::gil_scoped_release release;
+  if (dtype == fastlangevin::kFloat32)
+    flc::langevin_step_f32(ptr<const float>(z), ptr<const float>(grad), ptr<float>(out), n, D, prior_kind,
+                           ptr<const float>(mean), ptr<const float>(inv_var), ptr<const int64_t>(rng_state),
+                           step_size, noise_scale, n_threads);
+  else
+    flc::langevin_step_f64(ptr<const double>(z), ptr<const double>(grad), ptr<double>(out), n, D, prior_kind,
+                           ptr<const double>(mean), ptr<const double>(inv_var), ptr<const int64_t>(rng_state),
+                           step_size, noise_scale, n_threads);
+}
+
+void normal_noise(uintptr_t out, int64_t n, uintptr_t rng_state, int dtype, int n_threads) {
+  if (n < 0) throw py::value_error("normal_noise: n must be >= 0, got " + std::to_string(n));
+  if (n > 0 && !rng_state) throw py::value_error("normal_noise: rng_state_ptr is 0");
+  if (dtype != fastlangevin::kFloat32 && dtype != fastlangevin::kFloat64) bad_dtype("normal_noise", dtype);
+  py::gil_scoped_release release;
+  if (dtype == fastlangevin::kFloat32)
+    flc::normal_noise_f32(ptr<float>(out), n, ptr<const int64_t>(rng_state), n_threads);
+  else
+    flc::normal_noise_f64(ptr<double>(out), n, ptr<const int64_t>(rng_state), n_threads);
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["backend"] = "cpu";
+  d["version"] = FASTLANGEVIN_VERSION;
+  d["compiler"] = FASTLANGEVIN_CXX_COMPILER;
+  d["flags"] = FASTLANGEVIN_CXX_FLAGS;
+  d["simd_width_bits"] = flc::simd_width_bits();
+  d["openmp"] = flc::openmp_version() != 0;
+  d["openmp_version"] = flc::openmp_version();
+  d["max_threads"] = flc::max_threads();
+  d["dtypes"] = py::make_tuple("float32", "float64");
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastlangevin CPU kernels (framework-free; pass tensor.data_ptr() ints of contiguous tensors)";
+  m.def("langevin_step", &langevin_step, py::arg("z_ptr"), py::arg("grad_ptr"), py::arg("out_ptr"), py::arg("n"),
+        py::arg("D"), py::arg("prior_kind"), py::arg("mean_ptr"), py::arg("inv_var_ptr"), py::arg("rng_state_ptr"),
+        py::arg("step_size"), py::arg("noise_scale"), py::arg("dtype"), py::arg("n_threads"),
+        "out = z - (step_size/2)(grad + prior_term) + noise_scale * noise, over n contiguous elements.\n"
+        "dtype: 0 float32, 1 float64. prior_kind: 0 flat, 1 normal, 2 diagonal (mean/inv_var of length D, element i "
+        "uses i % D). rng_state_ptr: int64 [seed, counter], read, not advanced. n_threads <= 0: all.");
+  m.def("normal_noise", &normal_noise, py::arg("out_ptr"), py::arg("n"), py::arg("rng_state_ptr"), py::arg("dtype"),
+        py::arg("n_threads"), "Writes the first n values of the Philox/Box-Muller stream at rng_state to out.");
+  m.def("build_info", &build_info, "How this module was built: compiler, flags, SIMD width, OpenMP.");
+  m.attr("PRIOR_FLAT") = (int)fastlangevin::kPriorFlat;
+  m.attr("PRIOR_NORMAL") = (int)fastlangevin::kPriorNormal;
+  m.attr("PRIOR_DIAGONAL") = (int)fastlangevin::kPriorDiagonal;
+}

@@ -1,0 +1,19 @@
+"""fastlangevin: fast Langevin sampling in the latent space of energy-based models.
+
+    import fastlangevin as fl
+    z = fl.langevin(energy, z0, n_steps=60, step_size=0.01)
+
+Importing is light: compiled extensions, Triton and optional packages load on first use (``fl.backend_info()``).
+"""
+
+from fastlangevin import ops
+from fastlangevin.backends import BackendUnavailableError, backend_info
+from fastlangevin.priors import CallablePrior, DiagonalNormalPrior, FlatPrior, NormalPrior, Prior
+from fastlangevin.sampler import LangevinInfo, LangevinSampler, NonFiniteEnergyError, langevin
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError", "CallablePrior", "DiagonalNormalPrior", "FlatPrior", "LangevinInfo",
+    "LangevinSampler", "NonFiniteEnergyError", "NormalPrior", "Prior", "backend_info", "langevin", "ops",
+]

@@ -1,0 +1,188 @@
+"""Which backend runs, and why: availability of each backend, the ``"auto"`` choice, and ``backend_info()``.
+
+Backends of the fused step op:
+
+* ``reference`` — plain PyTorch, every device and float dtype; the oracle of the tests.
+* ``cpu`` — C++ (pybind11 extension ``fastlangevin._C``), CPU tensors, float32/float64.
+* ``cuda`` — CUDA C++ (extension ``fastlangevin._C_cuda``), CUDA tensors, float16/bfloat16/float32/float64.
+* ``triton`` — a Triton kernel, CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (for testing).
+
+``"auto"`` takes the first available backend of ``AUTO_ORDER[device type]`` that supports the dtype. A fallback
+(the preferred backend is missing) is logged once and recorded; ``backend_info()`` reports it. Nothing is silent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+from fastlangevin import _ext
+
+logger = logging.getLogger("fastlangevin")
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+# Preference for "auto": the compiled C++/CUDA kernels launch without Python overhead, which dominates for the
+# small latents (B x 100) of latent EBMs; Triton is the next choice on a GPU.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_DTYPES = {
+    "reference": FLOAT_DTYPES,
+    "cpu": (torch.float32, torch.float64),
+    "cuda": FLOAT_DTYPES,
+    "triton": FLOAT_DTYPES,
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here; the message says why and what is available."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str  # why it is unavailable, or what it runs on
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install triton; Linux x86_64 only)"
+    return None
+
+
+def backend_status(name: str, device_type: str) -> BackendStatus:
+    """Whether backend ``name`` can run on tensors of ``device_type`` ('cpu' or 'cuda') here, and why (not)."""
+    if name == "reference":
+        return BackendStatus(name, True, "plain PyTorch")
+    if name == "cpu":
+        if device_type != "cpu":
+            return BackendStatus(name, False, "runs on CPU tensors only")
+        why = _ext.cpu_reason()
+        return BackendStatus(name, why is None, why or "C++ extension fastlangevin._C")
+    if name == "cuda":
+        if device_type != "cuda":
+            return BackendStatus(name, False, "runs on CUDA tensors only")
+        if not torch.cuda.is_available():
+            return BackendStatus(name, False, "torch sees no CUDA device")
+        why = _ext.cuda_reason()
+        return BackendStatus(name, why is None, why or "CUDA extension fastlangevin._C_cuda")
+    if name == "triton":
+        why = _triton_importable()
+        if why:
+            return BackendStatus(name, False, why)
+        if device_type == "cuda":
+            if not torch.cuda.is_available():
+                return BackendStatus(name, False, "torch sees no CUDA device")
+            return BackendStatus(name, True, "Triton, compiled for the GPU")
+        if triton_interpret():
+            return BackendStatus(name, True, "Triton interpreter (TRITON_INTERPRET=1), for testing: slow")
+        return BackendStatus(name, False, "CPU tensors need TRITON_INTERPRET=1 (the interpreter, for tests only)")
+    raise ValueError(f"backend: unknown {name!r}; choose one of {('auto',) + BACKENDS}")
+
+
+_fallbacks: dict[tuple[str, str], str] = {}
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs the step op for tensors on ``device`` of ``dtype``.
+
+    An explicit request that cannot run raises ``BackendUnavailableError`` naming the reason and the alternatives.
+    Under ``torch.compile`` the answer is computed once at trace time and baked into the graph.
+    """
+    return _resolve(requested, device.type, dtype)
+
+
+_on_resolve: dict[str, list] = {}
+
+
+def on_resolve(name: str, prepare) -> None:
+    """Run ``prepare()`` whenever backend ``name`` is chosen (lazy op registration); it must be idempotent."""
+    _on_resolve.setdefault(name, []).append(prepare)
+
+
+def _resolve(requested: str, device_type: str, dtype: torch.dtype) -> str:
+    chosen = _choose(requested, device_type, dtype)
+    for prepare in _on_resolve.get(chosen, ()):
+        prepare()
+    return chosen
+
+
+# torch.compile runs _resolve once at trace time and bakes the answer in; this is what
+# torch.compiler.assume_constant_result sets, without importing torch._dynamo at `import fastlangevin`.
+_resolve._dynamo_marked_constant = True
+
+
+def _choose(requested: str, device_type: str, dtype: torch.dtype) -> str:
+    if device_type not in AUTO_ORDER:
+        raise BackendUnavailableError(f"fastlangevin runs on CPU and CUDA tensors, got a tensor on {device}")
+    if requested != "auto":
+        status = backend_status(requested, device_type)
+        if not status.available:
+            usable = [b for b in AUTO_ORDER[device_type] if backend_status(b, device_type).available]
+            raise BackendUnavailableError(
+                f"backend {requested!r} is not available for {device_type} tensors: {status.reason}. "
+                f"Available here: {usable}; backend='auto' picks the best of them.")
+        if dtype not in SUPPORTED_DTYPES[requested]:
+            raise BackendUnavailableError(
+                f"backend {requested!r} supports {[str(d) for d in SUPPORTED_DTYPES[requested]]}, got {dtype}; "
+                f"use backend='reference' or convert z")
+        return requested
+    skipped = []
+    for name in AUTO_ORDER[device_type]:
+        status = backend_status(name, device_type)
+        if status.available and dtype in SUPPORTED_DTYPES[name]:
+            if skipped:
+                _note_fallback(device_type, dtype, name, skipped)
+            return name
+        skipped.append(f"{name}: {status.reason if not status.available else f'no {dtype} support'}")
+    raise AssertionError("the reference backend is always available")  # pragma: no cover
+
+
+def _note_fallback(device_type: str, dtype: torch.dtype, chosen: str, skipped: list[str]) -> None:
+    key = (device_type, str(dtype))
+    if key not in _fallbacks:
+        message = f"{device_type} {dtype}: using {chosen!r} because " + "; ".join(skipped)
+        _fallbacks[key] = message
+        logger.warning("fastlangevin fallback: %s", message)
+
+
+@dataclasses.dataclass
+class BackendInfo:
+    """What runs here: ``backends[device_type][name]`` statuses, ``auto[device_type]`` choices for float32,
+    and the fallbacks taken so far in this process."""
+
+    backends: dict[str, dict[str, BackendStatus]]
+    auto: dict[str, str]
+    fallbacks: list[str]
+    extension: dict
+
+    def __str__(self) -> str:
+        lines = ["fastlangevin backends"]
+        for device_type, statuses in self.backends.items():
+            lines.append(f"  {device_type} tensors (auto -> {self.auto.get(device_type, 'n/a')}):")
+            for s in statuses.values():
+                lines.append(f"    {s.name:<10} {'yes' if s.available else 'no ':<4} {s.reason}")
+        if self.fallbacks:
+            lines.append("  fallbacks taken:")
+            lines.extend(f"    {f}" for f in self.fallbacks)
+        return "\n".join(lines)
+
+
+def backend_info() -> BackendInfo:
+    """Which backends are built and available for CPU and CUDA tensors, what ``"auto"`` picks, and why."""
+    backends, auto = {}, {}
+    for device_type in ("cpu", "cuda"):
+        backends[device_type] = {name: backend_status(name, device_type) for name in BACKENDS}
+        if device_type == "cpu" or torch.cuda.is_available():
+            auto[device_type] = next(b for b in AUTO_ORDER[device_type] if backends[device_type][b].available)
+    return BackendInfo(backends, auto, list(_fallbacks.values()), _ext.build_info())

@@ -1,0 +1,203 @@
+"""The fused Langevin step op: checks, backend dispatch and ``torch.library`` registration.
+
+``langevin_step`` computes ``z − (ε/2)·(grad + prior_term) + σ·ω`` in one pass (see ``langevin_step_reference``
+for the exact definition and ``philox`` for the noise). The compiled backends are registered as custom ops
+(``torch.ops.fastlangevin.langevin_step_{cpu,cuda,triton}``) with fake implementations and one autograd formula:
+the step is linear in ``z``, ``grad`` and the prior mean, so gradients reach all of them (and twice-differentiable
+chains built with ``create_graph=True`` work). The reference backend is plain differentiable PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from fastlangevin import _ext
+from fastlangevin.backends import on_resolve, resolve_backend
+from fastlangevin.ops.langevin_step_reference import (PRIOR_DIAGONAL, PRIOR_FLAT, PRIOR_NORMAL,
+                                                      langevin_step_reference)
+from fastlangevin.ops.philox import MAX_SEED, compute_dtype
+
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+@torch.library.custom_op("fastlangevin::langevin_step_cpu", mutates_args=(), device_types="cpu")
+def langevin_step_cpu(z: torch.Tensor, grad: torch.Tensor, rng_state: torch.Tensor, step_size: float,
+                      noise_scale: float, prior_kind: int, prior_mean: Optional[torch.Tensor],
+                      prior_inv_var: Optional[torch.Tensor]) -> torch.Tensor:
+    out = torch.empty_like(z)
+    _ext.require_cpu().langevin_step(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), _features(z), prior_kind,
+                                  _ptr(prior_mean), _ptr(prior_inv_var), rng_state.data_ptr(), step_size,
+                                  noise_scale, DTYPE_CODES[z.dtype], torch.get_num_threads())
+    return out
+
+
+@torch.library.custom_op("fastlangevin::langevin_step_cuda", mutates_args=(), device_types="cuda")
+def langevin_step_cuda(z: torch.Tensor, grad: torch.Tensor, rng_state: torch.Tensor, step_size: float,
+                       noise_scale: float, prior_kind: int, prior_mean: Optional[torch.Tensor],
+                       prior_inv_var: Optional[torch.Tensor]) -> torch.Tensor:
+    out = torch.empty_like(z)
+    with torch.cuda.device(z.device):
+        stream = torch.cuda.current_stream(z.device).cuda_stream
+        _ext.require_cuda().langevin_step(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), _features(z),
+                                       prior_kind, _ptr(prior_mean), _ptr(prior_inv_var), rng_state.data_ptr(),
+                                       step_size, noise_scale, DTYPE_CODES[z.dtype], 0, stream)
+    return out
+
+
+def _register_triton_op() -> None:
+    """Registers ``fastlangevin::langevin_step_triton`` on first use: ``triton_op`` imports triton, which must not
+    happen at ``import fastlangevin``. Runs eagerly even under ``torch.compile`` (from backend resolution)."""
+    if "triton" in COMPILED_OPS:
+        return
+    from fastlangevin.ops.triton.langevin_step import langevin_step_triton as launch
+
+    @torch.library.triton_op("fastlangevin::langevin_step_triton", mutates_args=())
+    def langevin_step_triton(z: torch.Tensor, grad: torch.Tensor, rng_state: torch.Tensor, step_size: float,
+                             noise_scale: float, prior_kind: int, prior_mean: Optional[torch.Tensor],
+                             prior_inv_var: Optional[torch.Tensor]) -> torch.Tensor:
+        out = torch.empty_like(z)
+        launch(z, grad, out, rng_state, step_size, noise_scale, prior_kind, prior_mean, prior_inv_var,
+               wrap=torch.library.wrap_triton)
+        return out
+
+    _register_formulas(langevin_step_triton)
+    COMPILED_OPS["triton"] = langevin_step_triton
+
+
+COMPILED_OPS = {"cpu": langevin_step_cpu, "cuda": langevin_step_cuda}
+
+
+def _features(z: torch.Tensor) -> int:
+    return z[0].numel() if z.dim() > 0 and z.shape[0] > 0 else max(z.numel(), 1)
+
+
+def _fake(z, grad, rng_state, step_size, noise_scale, prior_kind, prior_mean, prior_inv_var):
+    return torch.empty_like(z)
+
+
+def _setup_context(ctx, inputs, output):
+    z, _, _, step_size, _, prior_kind, prior_mean, prior_inv_var = inputs
+    ctx.half_step = step_size / 2
+    ctx.prior_kind = prior_kind
+    saved = (z, prior_mean, prior_inv_var) if prior_kind == PRIOR_DIAGONAL else ()
+    ctx.save_for_backward(*saved)
+
+
+def _backward(ctx, grad_out):
+    """d out/d z = 1 − (ε/2)·inv_var, d out/d grad = −ε/2, d out/d mean = (ε/2)·inv_var,
+    d out/d inv_var = −(ε/2)·(z − mean); the noise does not depend on any input."""
+    h = ctx.half_step
+    grad_mean = grad_inv_var = None
+    if ctx.prior_kind == PRIOR_FLAT:
+        grad_z = grad_out
+    elif ctx.prior_kind == PRIOR_NORMAL:
+        grad_z = grad_out * (1 - h)
+    else:
+        z, mean, inv_var = ctx.saved_tensors
+        shape = z.shape[1:]
+        g = grad_out.to(inv_var.dtype)
+        grad_z = (g * (1 - h * inv_var.reshape(shape))).to(grad_out.dtype)
+        if ctx.needs_input_grad[6]:
+            grad_mean = (h * inv_var.reshape(shape) * g).sum(0).reshape(-1)
+        if ctx.needs_input_grad[7]:
+            grad_inv_var = (-h * (z.to(g.dtype) - mean.reshape(shape)) * g).sum(0).reshape(-1)
+    return grad_z, -h * grad_out, None, None, None, None, grad_mean, grad_inv_var
+
+
+def _register_formulas(op) -> None:
+    op.register_fake(_fake)
+    op.register_autograd(_backward, setup_context=_setup_context)
+
+
+for _op in COMPILED_OPS.values():
+    _register_formulas(_op)
+on_resolve("triton", _register_triton_op)
+
+
+def make_rng_state(seed: int, counter: int = 0, device=None) -> torch.Tensor:
+    """The int64 ``[seed, counter]`` tensor that kernels read (and a chain advances in place, graph-safely)."""
+    for name, value in (("seed", seed), ("counter", counter)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+            raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
+    return torch.tensor([seed, counter], dtype=torch.int64, device=device)
+
+
+def check_step_inputs(z: torch.Tensor, grad: torch.Tensor) -> None:
+    """Shapes, dtypes and devices of the step's tensors; raises with the offending values."""
+    if not isinstance(z, torch.Tensor) or not isinstance(grad, torch.Tensor):
+        raise TypeError(f"z and grad must be tensors, got {type(z).__name__} and {type(grad).__name__}")
+    if not z.is_floating_point():
+        raise TypeError(f"z must be a floating-point tensor (Langevin moves a continuous state), got {z.dtype}; "
+                        f"convert it with z.float()")
+    if grad.shape != z.shape:
+        raise ValueError(f"grad has shape {tuple(grad.shape)} but z has shape {tuple(z.shape)}")
+    if grad.dtype != z.dtype:
+        raise TypeError(f"grad has dtype {grad.dtype} but z has dtype {z.dtype}")
+    if grad.device != z.device:
+        raise ValueError(f"grad is on {grad.device} but z is on {z.device}")
+    if z.dim() < 1:
+        raise ValueError("z must have a batch dimension: shape (B, *latent_shape)")
+
+
+def check_hyper(step_size, noise_scale) -> tuple[float, float]:
+    """Validated ``(step_size, noise_scale)`` as floats; ``noise_scale=None`` means ``sqrt(step_size)``."""
+    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
+        raise TypeError(f"step_size must be a positive float, got {type(step_size).__name__}")
+    step_size = float(step_size)
+    if not math.isfinite(step_size) or step_size <= 0:
+        raise ValueError(f"step_size must be finite and > 0, got {step_size}")
+    if noise_scale is None:
+        return step_size, math.sqrt(step_size)
+    if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)):
+        raise TypeError(f"noise_scale must be a float >= 0 or None, got {type(noise_scale).__name__}")
+    noise_scale = float(noise_scale)
+    if not math.isfinite(noise_scale) or noise_scale < 0:
+        raise ValueError(f"noise_scale must be finite and >= 0, got {noise_scale}")
+    return step_size, noise_scale
+
+
+def run_step(backend: str, z, grad, rng_state, step_size: float, noise_scale: float, prior_kind: int,
+             prior_mean, prior_inv_var) -> torch.Tensor:
+    """One step on an already resolved backend with already checked, contiguous inputs."""
+    if backend == "reference":
+        return langevin_step_reference(z, grad, rng_state, step_size, noise_scale, prior_kind, prior_mean,
+                                       prior_inv_var)
+    if backend not in COMPILED_OPS:  # a caller that skipped resolve_backend (tests, benchmarks)
+        _register_triton_op()
+    return COMPILED_OPS[backend](z, grad, rng_state, step_size, noise_scale, prior_kind, prior_mean, prior_inv_var)
+
+
+def langevin_step(z: torch.Tensor, grad: torch.Tensor, step_size: float, noise_scale: float | None = None, *,
+                  prior="normal", seed: int = 0, counter: int = 0, rng_state: torch.Tensor | None = None,
+                  backend: str = "auto") -> torch.Tensor:
+    """One fused Langevin step ``z − (ε/2)·(grad − ∇log prior(z)) + σ·ω`` → a new tensor like ``z``.
+
+    z, grad: (B, *latent_shape), same float dtype and device; ``grad`` is ∇E(z) of the energy E (low = likely).
+    step_size: ε > 0 (for the ``s²/2`` convention pass ``s**2``); noise_scale: σ ≥ 0, default ``sqrt(ε)``.
+    prior: see ``fastlangevin.priors.as_prior``; a prior the kernel cannot evaluate is rejected here (the chain
+    API handles those by autograd).
+    seed, counter: the noise is ``philox.normal_noise`` at ``[seed, counter]``; or pass ``rng_state`` (int64
+    ``[seed, counter]`` on z's device), which graph-captured chains advance in place.
+    """
+    from fastlangevin.priors import as_prior
+
+    check_step_inputs(z, grad)
+    step_size, noise_scale = check_hyper(step_size, noise_scale)
+    params = as_prior(prior).kernel_params(z)
+    if params is None:
+        raise ValueError("langevin_step evaluates Gaussian and flat priors only; add −∇log prior(z) to grad and "
+                         "pass prior=None")
+    chosen = resolve_backend(backend, z.device, z.dtype)
+    if rng_state is None:
+        rng_state = make_rng_state(seed, counter, z.device)
+    elif rng_state.dtype != torch.int64 or rng_state.shape != (2,) or rng_state.device != z.device:
+        raise ValueError(f"rng_state must be an int64 tensor [seed, counter] on {z.device}, got "
+                         f"{rng_state.dtype} {tuple(rng_state.shape)} on {rng_state.device}")
+    return run_step(chosen, z.contiguous(), grad.contiguous(), rng_state, step_size, noise_scale, *params)
