@@ -90,7 +90,7 @@ def backend_status(name: str, device_type: str) -> BackendStatus:
     raise ValueError(f"backend: unknown {name!r}; choose one of {('auto',) + BACKENDS}")
 
 
-_fallbacks: dict[tuple[str, str], str] = {}
+_fallbacks: dict[tuple[str, str, str], str] = {}
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -142,18 +142,18 @@ def _choose(requested: str, device_type: str, dtype: torch.dtype) -> str:
         status = backend_status(name, device_type)
         if status.available and dtype in SUPPORTED_DTYPES[name]:
             if skipped:
-                _note_fallback(device_type, dtype, name, skipped)
+                note_fallback(f"{device_type} {dtype}", repr(name), "; ".join(skipped))
             return name
         skipped.append(f"{name}: {status.reason if not status.available else f'no {dtype} support'}")
     raise AssertionError("the reference backend is always available")  # pragma: no cover
 
 
-def _note_fallback(device_type: str, dtype: torch.dtype, chosen: str, skipped: list[str]) -> None:
-    key = (device_type, str(dtype))
+def note_fallback(what: str, used: str, why: str) -> None:
+    """Record (and log once) that ``what`` runs on ``used`` instead of the preferred path, and ``why``."""
+    key = (what, used, why)
     if key not in _fallbacks:
-        message = f"{device_type} {dtype}: using {chosen!r} because " + "; ".join(skipped)
-        _fallbacks[key] = message
-        logger.warning("fastlangevin fallback: %s", message)
+        _fallbacks[key] = f"{what}: using {used} because {why}"
+        logger.warning("fastlangevin fallback: %s", _fallbacks[key])
 
 
 @dataclasses.dataclass

@@ -16,9 +16,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastlangevin.backends import resolve_backend
+from fastlangevin.backends import note_fallback, resolve_backend
+from fastlangevin.energies import MLPEnergy
+from fastlangevin.ops.mlp_chain import FUSED_DTYPES, METHODS, fused_backend_for, run_mlp_chain
 from fastlangevin.ops.langevin_step import check_hyper, make_rng_state, run_step
-from fastlangevin.ops.philox import MAX_SEED
+from fastlangevin.ops.langevin_step_reference import PRIOR_FLAT, PRIOR_NORMAL
+from fastlangevin.ops.philox import MAX_SEED, acceptance_uniforms
 from fastlangevin.priors import Prior, as_prior
 
 
@@ -30,16 +33,24 @@ class NonFiniteEnergyError(FloatingPointError):
 class LangevinInfo:
     """What happened along a chain.
 
-    energies: (n_steps, B), E(z_k) before step k; grad_norms: (n_steps, B), per-sample ‖∇E(z_k)‖ before clipping;
-    backend: the step op's backend; seed: the chain's noise seed (pass it back to reproduce the chain).
+    energies: (n_steps, B), E(z_k) of the state before step k; grad_norms: (n_steps, B), per-sample ‖∇E(z_k)‖
+    before clipping (for a prior the kernel cannot fuse, of ∇(E − log prior)); backend: what ran the chain;
+    seed: the chain's noise seed (pass it back to reproduce the chain); accepted: (n_steps, B) bool for MALA.
     """
 
-    energies: torch.Tensor
-    grad_norms: torch.Tensor
+    energies: torch.Tensor | None
+    grad_norms: torch.Tensor | None
     backend: str
     seed: int
     step_size: float
     noise_scale: float
+    method: str = "ula"
+    accepted: torch.Tensor | None = None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """MALA's share of accepted proposals over all steps and samples (None for ULA)."""
+        return None if self.accepted is None else self.accepted.float().mean().item()
 
 
 def _check_energy_output(e, z: torch.Tensor) -> torch.Tensor:
@@ -75,8 +86,9 @@ def _check_z0(z0) -> None:
 
 def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n_steps: int, step_size: float, *,
              noise_scale: float | None = None, prior="normal", seed: int | None = None, backend: str = "auto",
-             clip_grad: float | None = None, return_info: bool = False, create_graph: bool = False):
-    """Run ``n_steps`` of unadjusted Langevin dynamics from ``z0``; returns ``z_K`` (and a ``LangevinInfo``).
+             clip_grad: float | None = None, return_info: bool = False, create_graph: bool = False,
+             method: str = "ula"):
+    """Run ``n_steps`` of Langevin dynamics from ``z0``; returns ``z_K`` (and a ``LangevinInfo``).
 
     energy: maps z (B, *latent_shape) to per-sample energies (B,); an ``nn.Module`` or any callable.
     z0: (B, *latent_shape) float tensor; never modified.
@@ -88,6 +100,13 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
     clip_grad: optional bound on each sample's ‖∇E(z)‖ (the energy gradient, before the prior term).
     create_graph: keep the graph through the chain, so ``z_K`` is differentiable w.r.t. ``z0`` and the energy's
         parameters; by default the result is detached and no parameter collects gradients.
+    method: ``"ula"`` (unadjusted, the papers' sampler) or ``"mala"`` (Metropolis-adjusted: exact stationary
+        distribution, per-sample accept/reject, ``info.acceptance_rate``; noise_scale must be √ε). A MALA proposal
+        whose energy is not finite is rejected.
+
+    An ``fl.MLPEnergy`` runs the whole chain as one fused kernel where it can (not with ``create_graph``, a prior
+    the kernel cannot evaluate, or ``backend="reference"``); why it did not is logged once and shown by
+    ``fl.backend_info()``.
 
     The energy's parameters keep their ``requires_grad`` and ``.grad``. A non-finite energy raises
     ``NonFiniteEnergyError`` naming the first step and how many samples.
@@ -102,55 +121,155 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
         raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
     if not callable(energy):
         raise TypeError(f"energy must be callable (an nn.Module or a function), got {type(energy).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if method == "mala" and not math.isclose(noise_scale, math.sqrt(step_size), rel_tol=1e-12):
+        raise ValueError(f"method='mala' needs noise_scale = sqrt(step_size) = {math.sqrt(step_size):.6g} (its "
+                         f"Metropolis test assumes it), got {noise_scale}")
     prior = as_prior(prior)
     chosen = resolve_backend(backend, z0.device, z0.dtype)
+    fused = _fused_plan(energy, z0, prior, chosen, create_graph)
     if seed is None:
         seed = int(torch.randint(0, MAX_SEED, (1,)).item())
 
+    if fused is not None:
+        return _run_fused(fused, energy, z0, n_steps, step_size, noise_scale, prior, seed, clip_grad, return_info,
+                          method)
     with torch.inference_mode(False), torch.enable_grad():
         return _run_chain(energy, z0, n_steps, step_size, noise_scale, prior, seed, chosen, clip_grad,
-                          return_info, create_graph)
+                          return_info, create_graph, method)
+
+
+def _fused_plan(energy, z0, prior: Prior, step_backend: str, create_graph: bool) -> str | None:
+    """The fused-chain backend for this call, or None (with the reason noted once) when it cannot be used."""
+    if not isinstance(energy, MLPEnergy):
+        return None
+    fused, why = fused_backend_for(step_backend)
+    if fused is not None:
+        if create_graph:
+            fused, why = None, "create_graph=True needs the autograd chain"
+        elif prior.kernel_params(z0) is None:
+            fused, why = None, f"the prior {type(prior).__name__} is not one the kernel evaluates"
+        elif z0.dtype not in FUSED_DTYPES:
+            fused, why = None, f"the fused chain runs float32/float64, not {z0.dtype}"
+        elif z0[0].numel() != energy.dims[0]:
+            return None  # the energy itself raises the shape error on the step-op path
+    if fused is None:
+        note_fallback(f"MLPEnergy chain on {z0.device.type}", f"step-op chain ({step_backend})", why)
+    return fused
+
+
+def _run_fused(backend, energy, z0, n_steps, step_size, noise_scale, prior, seed, clip_grad, return_info, method):
+    rng_state = make_rng_state(seed, 0, z0.device)
+    z, energies, grad_norms, accepted = run_mlp_chain(backend, energy, z0, n_steps, step_size, noise_scale,
+                                                      prior.kernel_params(z0), rng_state, clip_grad, method,
+                                                      return_info)
+    _raise_if_not_finite((~torch.isfinite(energies)).sum(1), z, z0.shape[0])
+    if return_info:
+        return z, LangevinInfo(energies, grad_norms, f"{backend}:fused", seed, step_size, noise_scale, method,
+                               accepted)
+    return z
+
+
+class _Evaluator:
+    """E(z) and the drift gradient of one chain: ``∇E`` (plus ``−∇log prior`` for priors the kernel cannot fuse),
+    clipped per sample; remembers what ``LangevinInfo`` and the finiteness check need."""
+
+    def __init__(self, energy, prior: Prior, fused_prior: bool, clip_grad, create_graph: bool, track: bool):
+        self.energy, self.prior, self.fused_prior = energy, prior, fused_prior
+        self.clip_grad, self.create_graph, self.track = clip_grad, create_graph, track
+        self.checked = False
+
+    def __call__(self, z):
+        """→ (energy E(z) (B,), target U(z) − U_fused_prior(z) (B,), drift gradient, gradient norms or None)."""
+        batch = z.shape[0]
+        if not z.requires_grad:
+            z.requires_grad_(True)
+        e = self.energy(z)
+        e = e.reshape(batch) if self.checked else _check_energy_output(e, z)
+        self.checked = True
+        target = e if self.fused_prior else e - self.prior.log_prob(z)
+        grad = torch.autograd.grad(target.sum(), z, create_graph=self.create_graph, allow_unused=True)[0]
+        if grad is None:
+            grad = torch.zeros_like(z)
+        norms = None
+        if self.track or self.clip_grad is not None:
+            norms = grad.detach().flatten(1).norm(dim=1)
+        if self.clip_grad is not None:
+            grad = grad * (self.clip_grad / (norms + 1e-12)).clamp(max=1.0).reshape((batch,) + (1,) * (z.dim() - 1))
+        if not self.create_graph:
+            target, grad = target.detach(), grad.detach()
+        return e.detach(), target, grad.contiguous(), norms
+
+
+def _fused_prior_energy(prior_args, z):
+    """U_prior(z) = −log prior(z) (up to a constant) and its gradient, for the priors the kernel evaluates."""
+    kind, mean, inv_var = prior_args
+    if kind == PRIOR_FLAT:
+        return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device), torch.zeros_like(z)
+    diff = z if kind == PRIOR_NORMAL else z - mean.to(z.dtype).reshape(z.shape[1:])
+    grad = diff if kind == PRIOR_NORMAL else inv_var.to(z.dtype).reshape(z.shape[1:]) * diff
+    return 0.5 * (diff * grad).flatten(1).sum(1), grad
 
 
 def _run_chain(energy, z0, n_steps, step_size, noise_scale, prior: Prior, seed, backend, clip_grad, return_info,
-               create_graph):
+               create_graph, method):
     batch = z0.shape[0]
     kernel_prior = prior.kernel_params(z0)
-    prior_args = kernel_prior if kernel_prior is not None else (0, None, None)
+    prior_args = kernel_prior if kernel_prior is not None else (PRIOR_FLAT, None, None)
     rng_state = make_rng_state(seed, 0, z0.device)
     z = z0.contiguous() if create_graph else z0.detach().contiguous().clone()
-    track = return_info or clip_grad is not None
+    evaluate = _Evaluator(energy, prior, kernel_prior is not None, clip_grad, create_graph, return_info)
     energies = z0.new_empty((n_steps, batch)) if return_info else None
     grad_norms = z0.new_empty((n_steps, batch)) if return_info else None
+    accepted = torch.zeros((n_steps, batch), dtype=torch.bool, device=z0.device) if method == "mala" else None
     n_bad = torch.zeros(n_steps, dtype=torch.int64, device=z0.device)
-
+    if method == "mala" and n_steps:
+        e, target, grad, norms = evaluate(z)
     for k in range(n_steps):
-        if not z.requires_grad:
-            z.requires_grad_(True)
-        e = _check_energy_output(energy(z), z) if k == 0 else energy(z).reshape(batch)
-        target = e if kernel_prior is not None else e - prior.log_prob(z)
-        grad = torch.autograd.grad(target.sum(), z, create_graph=create_graph, allow_unused=True)[0]
-        if grad is None:
-            grad = torch.zeros_like(z)
-        n_bad[k] = (~torch.isfinite(e.detach())).sum()
-        if track:
-            norms = grad.detach().flatten(1).norm(dim=1)
-            if return_info:
-                energies[k] = e.detach()
-                grad_norms[k] = norms
-            if clip_grad is not None:
-                grad = grad * (clip_grad / (norms + 1e-12)).clamp(max=1.0).reshape((batch,) + (1,) * (z.dim() - 1))
-        if not create_graph:
-            z, grad = z.detach(), grad.detach()
-        z = run_step(backend, z, grad.contiguous(), rng_state, step_size, noise_scale, *prior_args)
+        if method == "ula":
+            e, _, grad, norms = evaluate(z)
+        n_bad[k] = (~torch.isfinite(e)).sum()
+        if return_info:
+            energies[k], grad_norms[k] = e, norms
+        z_now = z if create_graph else z.detach()
+        proposal = run_step(backend, z_now, grad, rng_state, step_size, noise_scale, *prior_args)
+        if method == "ula":
+            z = proposal
+        else:
+            e_new, target_new, grad_new, norms_new = evaluate(proposal)
+            accept = _mala_accept(z_now, proposal, target, target_new, grad, grad_new, prior_args, step_size,
+                                  rng_state)
+            accepted[k] = accept
+            z, e, target, grad = (_where(accept, new, old) for new, old in
+                                  ((proposal, z_now), (e_new, e), (target_new, target), (grad_new, grad)))
+            norms = None if norms is None else _where(accept, norms_new, norms)
         rng_state[1] += 1
 
     _raise_if_not_finite(n_bad, z, batch)
     if not create_graph:
         z = z.detach()
     if return_info:
-        return z, LangevinInfo(energies, grad_norms, backend, seed, step_size, noise_scale)
+        return z, LangevinInfo(energies, grad_norms, backend, seed, step_size, noise_scale, method, accepted)
     return z
+
+
+def _where(mask, a, b):
+    return torch.where(mask.reshape((-1,) + (1,) * (a.dim() - 1)), a, b)
+
+
+def _mala_accept(z, proposal, target, target_new, grad, grad_new, prior_args, step_size, rng_state):
+    """Metropolis-Hastings test of the Langevin proposal: log α = U(z) − U(z') − [‖z − z' + (ε/2)∇U(z')‖² −
+    ‖z' − z + (ε/2)∇U(z)‖²]/(2ε), U = E − log prior; accept where log u < log α (u: ``acceptance_uniforms``).
+    A proposal with a non-finite energy is rejected."""
+    u_prior, g_prior = _fused_prior_energy(prior_args, z)
+    u_prior_new, g_prior_new = _fused_prior_energy(prior_args, proposal)
+    half = step_size / 2
+    backward = (z - proposal + half * (grad_new + g_prior_new)).flatten(1).pow(2).sum(1)
+    forward = (proposal - z + half * (grad + g_prior)).flatten(1).pow(2).sum(1)
+    log_alpha = (target + u_prior) - (target_new + u_prior_new) - (backward - forward) / (2 * step_size)
+    u = acceptance_uniforms(z.shape[0], rng_state, z.dtype)
+    return torch.log(u).to(log_alpha.dtype) < log_alpha.detach()
 
 
 def _raise_if_not_finite(n_bad: torch.Tensor, z: torch.Tensor, batch: int) -> None:

@@ -72,3 +72,30 @@ def test_two_mode_mixture_weights():
     right = z[z[:, 0] > 0, 0]
     want = stationary_variance(1 / s2, 0.01)
     assert abs(right.var().item() - want) < N_SE * _var_se(want, right.numel()) + 0.01 * want
+
+
+@pytest.mark.parametrize("lane", ["generic", "fused"])
+def test_mala_is_exact_where_ula_is_biased(lane):
+    """Gaussian target of precision λ at ελ = 1: ULA's stationary variance is 4/(3λ), a third too large; MALA's is
+    exactly 1/λ. Each chain's last state is one independent sample."""
+    chains, dim = 20000, 2
+    if lane == "generic":
+        lam, eps = 2.0, 0.5
+        energy = lambda z: 0.5 * (lam - 1) * z.pow(2).sum(1)
+    else:
+        require("cpu", "cpu")
+        # an MLPEnergy with a zero last layer is constant: the target is the N(0, I) prior alone
+        lam, eps = 1.0, 1.0
+        energy = fl.MLPEnergy((dim, 4, 1), "tanh").double()
+        torch.nn.init.zeros_(energy.layers[-1].weight)
+    z0 = torch.randn(chains, dim, dtype=torch.float64)
+    z, info = fl.langevin(energy, z0, 150, eps, seed=99, method="mala", return_info=True)
+    if lane == "fused" and hasattr(fl._ext.load_cpu(), "mlp_chain"):
+        assert info.backend == "cpu:fused"
+    n = z.numel()
+    assert abs(z.var().item() - 1 / lam) < N_SE * _var_se(1 / lam, n)
+    assert 0.3 < info.acceptance_rate < 1.0
+    ula_var = stationary_variance(lam, eps)
+    z_ula = fl.langevin(energy, z0, 150, eps, seed=99)
+    assert abs(z_ula.var().item() - ula_var) < N_SE * _var_se(ula_var, n)
+    assert abs(z.var().item() - ula_var) > N_SE * _var_se(ula_var, n)

@@ -33,10 +33,8 @@ constexpr int kTile = 4 * kTileBlocks;       // elements per tile
 constexpr int64_t kParallelThreshold = 1 << 15;  // below this, thread start-up costs more than it saves
 
 #if defined(__FMA__) || defined(__aarch64__)
-#define FL_HAVE_FMA 1
 FL_FORCEINLINE float fmadd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 #else
-#define FL_HAVE_FMA 0
 FL_FORCEINLINE float fmadd(float a, float b, float c) { return a * b + c; }
 #endif
 
@@ -79,21 +77,15 @@ FL_FORCEINLINE float log_f32(float x) {
 
 // sin and cos of theta in [0, 2pi] (Cephes sinf/cosf without branches). k = nearest multiple of pi/2, reduced
 // argument r = theta - k pi/2 in [-pi/4, pi/4], then the quadrant k mod 4 picks which polynomial goes where and the
-// signs. The reduction matters near the zeros (theta the float nearest 3pi/2 leaves r ~ 1e-8): with FMA, pi/2 in
-// three float parts (the first product exact inside the FMA, then two roundings: ~1 ulp of r); without, Cephes'
-// split whose first two products are exact (up to ~12 ulp of r at those points, ~1e-14 absolute).
+// signs. The reduction matters near the zeros (theta the float nearest 3pi/2 leaves r ~ 1e-8): pi/2 is split in
+// three floats, the first two of 21 bits so that k * part is exact for k <= 4 and theta - k * P1 is exact; r is then
+// within ~1 ulp of its own size (Cephes' split, made for k up to 8192, loses up to ~12 ulp there).
 FL_FORCEINLINE void sincos_f32(float theta, float* s_out, float* c_out) {
   const int32_t k = (int32_t)fmadd(theta, 0.636619772367581343f, 0.5f);  // theta >= 0: truncation rounds
   const float fk = (float)k;
-#if FL_HAVE_FMA
-  float r = fmadd(-fk, 1.57079637050628662109375f, theta);
-  r = fmadd(-fk, -4.371138828673793e-8f, r);
-  r = fmadd(-fk, -1.7151245100058819e-15f, r);
-#else
-  float r = theta - fk * 1.5703125f;
-  r = r - fk * 4.837512969970703125e-4f;
-  r = r - fk * 7.54978995489188216e-8f;
-#endif
+  float r = theta - fk * 0x1.921fb0p+0f;
+  r = r - fk * 0x1.5110b0p-22f;
+  r = r - fk * 0x1.184698p-44f;
   const float z = r * r;
   float sp = -1.9515295891e-4f;
   sp = fmadd(sp, z, 8.3321608736e-3f);

@@ -90,3 +90,23 @@ def normal_noise(n: int, rng_state: torch.Tensor, dtype: torch.dtype = torch.flo
     n0, n1 = pair(x0, x1)
     n2, n3 = pair(x2, x3)
     return torch.stack((n0, n1, n2, n3), dim=1).reshape(-1)[:n]
+
+
+MALA_DOMAIN_BIT = 1 << 31  # set in the counter's high word: the acceptance uniforms never meet the step noise
+
+
+def acceptance_uniforms(batch: int, rng_state: torch.Tensor, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """MALA's per-sample acceptance uniforms in (0, 1] at ``rng_state = [seed, counter]``: shape (batch,).
+
+    Sample ``b`` takes word x0 of the Philox block at counter ``(b & 0xFFFFFFFF, b >> 32, counter & 0xFFFFFFFF,
+    (counter >> 32) | 2³¹)`` — a domain of the stream that the step noise (counters < 2⁶³) never uses — and
+    ``u = x0·2⁻³² + 2⁻³³``, in the compute dtype.
+    """
+    device = rng_state.device if device is None else torch.device(device)
+    state = rng_state.to(device=device, dtype=torch.int64)
+    seed, counter = state[0], state[1]
+    b = torch.arange(batch, dtype=torch.int64, device=device)
+    x0, _, _, _ = philox4x32(b & MASK32, (b >> 32) & MASK32, counter & MASK32,
+                             ((counter >> 32) & MASK32) | MALA_DOMAIN_BIT, seed & MASK32, (seed >> 32) & MASK32)
+    return x0.to(compute_dtype(dtype)) * 2.0 ** -32 + 2.0 ** -33
