@@ -23,6 +23,7 @@ from fastlangevin.ops.langevin_step import check_hyper, make_rng_state, run_step
 from fastlangevin.ops.langevin_step_reference import PRIOR_FLAT, PRIOR_NORMAL
 from fastlangevin.ops.philox import MAX_SEED, acceptance_uniforms
 from fastlangevin.priors import Prior, as_prior
+from fastlangevin.profiling import nvtx_range
 
 
 class NonFiniteEnergyError(FloatingPointError):
@@ -133,9 +134,10 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
         seed = int(torch.randint(0, MAX_SEED, (1,)).item())
 
     if fused is not None:
-        return _run_fused(fused, energy, z0, n_steps, step_size, noise_scale, prior, seed, clip_grad, return_info,
-                          method)
-    with torch.inference_mode(False), torch.enable_grad():
+        with nvtx_range(f"fastlangevin.chain fused {n_steps} steps"):
+            return _run_fused(fused, energy, z0, n_steps, step_size, noise_scale, prior, seed, clip_grad,
+                              return_info, method)
+    with torch.inference_mode(False), torch.enable_grad(), nvtx_range(f"fastlangevin.chain {n_steps} steps"):
         return _run_chain(energy, z0, n_steps, step_size, noise_scale, prior, seed, chosen, clip_grad,
                           return_info, create_graph, method)
 
@@ -185,11 +187,13 @@ class _Evaluator:
         batch = z.shape[0]
         if not z.requires_grad:
             z.requires_grad_(True)
-        e = self.energy(z)
-        e = e.reshape(batch) if self.checked else _check_energy_output(e, z)
-        self.checked = True
-        target = e if self.fused_prior else e - self.prior.log_prob(z)
-        grad = torch.autograd.grad(target.sum(), z, create_graph=self.create_graph, allow_unused=True)[0]
+        with nvtx_range("energy"):
+            e = self.energy(z)
+            e = e.reshape(batch) if self.checked else _check_energy_output(e, z)
+            self.checked = True
+            target = e if self.fused_prior else e - self.prior.log_prob(z)
+        with nvtx_range("energy gradient"):
+            grad = torch.autograd.grad(target.sum(), z, create_graph=self.create_graph, allow_unused=True)[0]
         if grad is None:
             grad = torch.zeros_like(z)
         norms = None
@@ -227,24 +231,26 @@ def _run_chain(energy, z0, n_steps, step_size, noise_scale, prior: Prior, seed, 
     if method == "mala" and n_steps:
         e, target, grad, norms = evaluate(z)
     for k in range(n_steps):
-        if method == "ula":
-            e, _, grad, norms = evaluate(z)
-        n_bad[k] = (~torch.isfinite(e)).sum()
-        if return_info:
-            energies[k], grad_norms[k] = e, norms
-        z_now = z if create_graph else z.detach()
-        proposal = run_step(backend, z_now, grad, rng_state, step_size, noise_scale, *prior_args)
-        if method == "ula":
-            z = proposal
-        else:
-            e_new, target_new, grad_new, norms_new = evaluate(proposal)
-            accept = _mala_accept(z_now, proposal, target, target_new, grad, grad_new, prior_args, step_size,
-                                  rng_state)
-            accepted[k] = accept
-            z, e, target, grad = (_where(accept, new, old) for new, old in
-                                  ((proposal, z_now), (e_new, e), (target_new, target), (grad_new, grad)))
-            norms = None if norms is None else _where(accept, norms_new, norms)
-        rng_state[1] += 1
+        with nvtx_range(f"step {k}"):
+            if method == "ula":
+                e, _, grad, norms = evaluate(z)
+            n_bad[k] = (~torch.isfinite(e)).sum()
+            if return_info:
+                energies[k], grad_norms[k] = e, norms
+            z_now = z if create_graph else z.detach()
+            with nvtx_range("update"):
+                proposal = run_step(backend, z_now, grad, rng_state, step_size, noise_scale, *prior_args)
+            if method == "ula":
+                z = proposal
+            else:
+                e_new, target_new, grad_new, norms_new = evaluate(proposal)
+                accept = _mala_accept(z_now, proposal, target, target_new, grad, grad_new, prior_args, step_size,
+                                      rng_state)
+                accepted[k] = accept
+                z, e, target, grad = (_where(accept, new, old) for new, old in
+                                      ((proposal, z_now), (e_new, e), (target_new, target), (grad_new, grad)))
+                norms = None if norms is None else _where(accept, norms_new, norms)
+            rng_state[1] += 1
 
     _raise_if_not_finite(n_bad, z, batch)
     if not create_graph:
