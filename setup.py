@@ -13,6 +13,7 @@ Environment switches:
   FASTLANGEVIN_BUILD_TYPE     CMake build type (default Release)
   FASTLANGEVIN_BUILD_DIR      where CMake builds (default: build/ in the source tree, kept for incremental rebuilds)
   CMAKE_BUILD_PARALLEL_LEVEL  parallel build jobs (default: all cores)
+  CMAKE_GENERATOR             CMake generator (default: Ninja when found, else CMake's default)
   CUDACXX / CUDA_HOME         which nvcc to use
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).resolve().parent
 VERSION = "0.1.0"
@@ -115,10 +117,13 @@ class CMakeBuild(build_ext):
             return super().build_extensions()
         out_dir = Path(self.get_ext_fullpath(exts[0].name)).resolve().parent
         cmake = _find_cmake()
-        ninja = _find_ninja()
+        # CMAKE_GENERATOR (CMake's own variable) wins; else Ninja where found, else CMake's default (make).
+        generator = os.environ.get("CMAKE_GENERATOR")
+        ninja = None if generator else _find_ninja()
         nvcc = _find_nvcc() if any(e.target == "_C_cuda" for e in exts) else None
         build_type = os.environ.get("FASTLANGEVIN_BUILD_TYPE", "Release")
-        build_dir = _build_dir(Path(self.build_temp), build_type, "ninja" if ninja else "make")
+        gen_tag = (generator or ("Ninja" if ninja else "default")).replace(" ", "").lower()
+        build_dir = _build_dir(Path(self.build_temp), build_type, gen_tag)
 
         args = [
             f"-DCMAKE_BUILD_TYPE={build_type}",
@@ -144,6 +149,11 @@ class CMakeBuild(build_ext):
 
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(self.parallel or os.cpu_count() or 1)
         targets = [e.target for e in exts if e.target != "_C_cuda" or nvcc]
+        if not (self.inplace or getattr(self, "editable_mode", False)):
+            # A wheel packs all of build/lib: drop a module left there by an earlier build that is not rebuilt now.
+            for stale in out_dir.glob("_C_cuda.*"):
+                if "_C_cuda" not in targets:
+                    stale.unlink()
         subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         build = [cmake, "--build", str(build_dir), "--config", build_type, "-j", jobs]
         cache = (build_dir / "CMakeCache.txt").read_text()
@@ -168,8 +178,19 @@ class CMakeBuild(build_ext):
                 raise RuntimeError(f"fastlangevin: CMake did not produce {self.get_ext_fullpath(ext.name)}")
 
 
+class SDist(sdist):
+    """Also ships the C++/CUDA sources and CMakeLists.txt (not Python package files, so not included by default)."""
+
+    def make_distribution(self) -> None:
+        self.filelist.append("CMakeLists.txt")
+        for path in sorted((ROOT / "csrc").rglob("*")):
+            if path.is_file() and path.suffix in (".h", ".cuh", ".cpp", ".cu", ".txt", ".md"):
+                self.filelist.append(path.relative_to(ROOT).as_posix())
+        super().make_distribution()
+
+
 ext_modules = [CMakeExtension("fastlangevin._C")]
 if _find_nvcc():
     ext_modules.append(CMakeExtension("fastlangevin._C_cuda", optional=True))
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})
+setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild, "sdist": SDist})

@@ -18,6 +18,7 @@ _HINTS = {
 
 _lock = threading.Lock()
 _cache: dict[str, tuple[ModuleType | None, str | None]] = {}
+_runtime_status: list[str | None] = []  # filled once by cuda_runtime_reason()
 
 
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
@@ -57,6 +58,22 @@ def cpu_reason() -> str | None:
 def cuda_reason() -> str | None:
     """None when the CUDA extension loads, else why not."""
     return _load("_C_cuda")[1]
+
+
+def cuda_runtime_reason() -> str | None:
+    """None when the CUDA extension loads and its runtime reaches a GPU, else why not.
+
+    The extension links the CUDA runtime of the nvcc it was built with statically, so it needs a driver at least that
+    new (CUDA 13: driver 580+), which can differ from what torch needs. Asks the runtime once and caches the answer.
+    """
+    mod, reason = _load("_C_cuda")
+    if mod is None:
+        return reason
+    with _lock:
+        if not _runtime_status:
+            status = mod.runtime_status()
+            _runtime_status.append(None if status is None else f"CUDA runtime unusable: {status}")
+        return _runtime_status[0]
 
 
 def require_cpu() -> ModuleType:

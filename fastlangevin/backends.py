@@ -74,7 +74,7 @@ def backend_status(name: str, device_type: str) -> BackendStatus:
             return BackendStatus(name, False, "runs on CUDA tensors only")
         if not torch.cuda.is_available():
             return BackendStatus(name, False, "torch sees no CUDA device")
-        why = _ext.cuda_reason()
+        why = _ext.cuda_runtime_reason()  # also the import: the extension must load and reach the driver
         return BackendStatus(name, why is None, why or "CUDA extension fastlangevin._C_cuda")
     if name == "triton":
         why = _triton_importable()

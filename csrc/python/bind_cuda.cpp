@@ -86,6 +86,7 @@ py::dict build_info() {
   d["cuda_archs"] = std::string(flcu::archs());
   d["nvcc_version"] = flcu::compiler_version();
   d["cuda_runtime_version"] = flcu::runtime_version();
+  d["cuda_driver_version"] = flcu::driver_version();
   d["cudart"] = "static";
   d["dtypes"] = py::make_tuple("float32", "float64", "float16", "bfloat16");
   return d;
@@ -105,5 +106,14 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("normal_noise", &normal_noise, py::arg("out_ptr"), py::arg("n"), py::arg("rng_state_ptr"), py::arg("dtype"),
         py::arg("n_threads"), py::arg("stream"),
         "Writes the first n values of the Philox/Box-Muller stream at rng_state to out (in dtype).");
-  m.def("build_info", &build_info, "How this module was built: compiler, CUDA archs, runtime version.");
+  m.def("build_info", &build_info, "How this module was built: compiler, CUDA archs, runtime and driver versions.");
+  m.def(
+      "runtime_status",
+      []() -> py::object {
+        const std::string s = flcu::runtime_status();
+        if (s.empty()) return py::none();
+        return py::str(s);
+      },
+      "None when the (statically linked) CUDA runtime reaches a device, else why not. Needs no torch.");
+  m.def("device_count", &flcu::device_count, "Devices the runtime sees (0 on any error).");
 }

@@ -20,7 +20,12 @@ std::string langevin_step(const void* z, const void* grad, void* out, int64_t n,
 
 std::string normal_noise(void* out, int64_t n, const int64_t* rng_state, int dtype, uintptr_t stream);
 
+// "" when the runtime reaches at least one device, else why not (e.g. "CUDA driver version is insufficient for CUDA
+// runtime version": the runtime is linked in statically, so the driver must support the nvcc it was built with).
+std::string runtime_status();
+int device_count();      // 0 when runtime_status() is not ""
 int runtime_version();  // cudaRuntimeGetVersion of the (statically linked) runtime
+int driver_version();   // cudaDriverGetVersion, 0 without a driver
 int compiler_version();  // nvcc major * 1000 + minor * 10
 const char* archs();     // the CUDA architectures compiled in, e.g. "80;90"
 
