@@ -18,6 +18,7 @@ from torch import nn
 
 from fastlangevin.backends import note_fallback, resolve_backend
 from fastlangevin.energies import MLPEnergy
+from fastlangevin.graphs import run_graphed
 from fastlangevin.ops.mlp_chain import FUSED_DTYPES, METHODS, fused_backend_for, run_mlp_chain
 from fastlangevin.ops.langevin_step import check_hyper, make_rng_state, run_step
 from fastlangevin.ops.langevin_step_reference import PRIOR_FLAT, PRIOR_NORMAL
@@ -88,7 +89,7 @@ def _check_z0(z0) -> None:
 def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n_steps: int, step_size: float, *,
              noise_scale: float | None = None, prior="normal", seed: int | None = None, backend: str = "auto",
              clip_grad: float | None = None, return_info: bool = False, create_graph: bool = False,
-             method: str = "ula"):
+             method: str = "ula", cuda_graph: bool | None = None):
     """Run ``n_steps`` of Langevin dynamics from ``z0``; returns ``z_K`` (and a ``LangevinInfo``).
 
     energy: maps z (B, *latent_shape) to per-sample energies (B,); an ``nn.Module`` or any callable.
@@ -104,6 +105,11 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
     method: ``"ula"`` (unadjusted, the papers' sampler) or ``"mala"`` (Metropolis-adjusted: exact stationary
         distribution, per-sample accept/reject, ``info.acceptance_rate``; noise_scale must be √ε). A MALA proposal
         whose energy is not finite is rejected.
+
+    cuda_graph: capture the K steps (energy, autograd gradient, fused step) into one CUDA graph, cached by shape,
+        dtype, device, settings and the energy's parameter storage, and replay it (fresh noise each replay: seed and
+        counter live in device memory). Default: on for CUDA tensors unless ``create_graph``; a capture that fails
+        falls back to the eager chain with one warning naming the cause (``fl.backend_info()`` lists it).
 
     An ``fl.MLPEnergy`` runs the whole chain as one fused kernel where it can (not with ``create_graph``, a prior
     the kernel cannot evaluate, or ``backend="reference"``); why it did not is logged once and shown by
@@ -137,9 +143,31 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
         with nvtx_range(f"fastlangevin.chain fused {n_steps} steps"):
             return _run_fused(fused, energy, z0, n_steps, step_size, noise_scale, prior, seed, clip_grad,
                               return_info, method)
+    settings = dict(n_steps=n_steps, step_size=step_size, noise_scale=noise_scale, prior=prior, backend=chosen,
+                    clip_grad=clip_grad, return_info=return_info, create_graph=create_graph, method=method)
     with torch.inference_mode(False), torch.enable_grad(), nvtx_range(f"fastlangevin.chain {n_steps} steps"):
-        return _run_chain(energy, z0, n_steps, step_size, noise_scale, prior, seed, chosen, clip_grad,
-                          return_info, create_graph, method)
+        result = None
+        if _use_graph(cuda_graph, z0, create_graph, n_steps):
+            result = run_graphed(run_chain_body, energy, z0, seed, settings)  # None: capture failed, warned
+        if result is None:
+            z = z0.contiguous() if create_graph else z0.detach().contiguous().clone()
+            result = run_chain_body(energy, z, make_rng_state(seed, 0, z0.device), **settings)
+    _raise_if_not_finite(result.n_bad, result.z, z0.shape[0])
+    if return_info:
+        backend_used = chosen + (":graph" if result.graphed else "")
+        return result.z, LangevinInfo(result.energies, result.grad_norms, backend_used, seed, step_size,
+                                      noise_scale, method, result.accepted)
+    return result.z
+
+
+def _use_graph(cuda_graph, z0, create_graph, n_steps) -> bool:
+    if cuda_graph is None:  # default: on for CUDA tensors whenever a graph can hold the chain
+        return z0.device.type == "cuda" and not create_graph and n_steps > 0
+    if cuda_graph and z0.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs z0 on a CUDA device, got {z0.device}")
+    if cuda_graph and create_graph:
+        raise ValueError("cuda_graph=True cannot keep the autograd graph of the chain (create_graph=True)")
+    return bool(cuda_graph) and n_steps > 0
 
 
 def _fused_plan(energy, z0, prior: Prior, step_backend: str, create_graph: bool) -> str | None:
@@ -216,18 +244,32 @@ def _fused_prior_energy(prior_args, z):
     return 0.5 * (diff * grad).flatten(1).sum(1), grad
 
 
-def _run_chain(energy, z0, n_steps, step_size, noise_scale, prior: Prior, seed, backend, clip_grad, return_info,
-               create_graph, method):
-    batch = z0.shape[0]
-    kernel_prior = prior.kernel_params(z0)
+@dataclasses.dataclass
+class ChainResult:
+    """A chain's outputs before the host looks at them (no sync yet): z (like z0), energies/grad_norms (K, B) or
+    None, accepted (K, B) bool or None, n_bad (K,) count of non-finite energies per step; graphed: replayed from
+    a CUDA graph."""
+
+    z: torch.Tensor
+    energies: torch.Tensor | None
+    grad_norms: torch.Tensor | None
+    accepted: torch.Tensor | None
+    n_bad: torch.Tensor
+    graphed: bool = False
+
+
+def run_chain_body(energy, z, rng_state, n_steps, step_size, noise_scale, prior: Prior, backend, clip_grad,
+                   return_info, create_graph, method) -> ChainResult:
+    """The step-op chain from ``z`` (contiguous; detached unless ``create_graph``) with the noise stream at
+    ``rng_state`` (advanced in place, one per step). Launches kernels only: safe to capture in a CUDA graph."""
+    batch = z.shape[0]
+    kernel_prior = prior.kernel_params(z)
     prior_args = kernel_prior if kernel_prior is not None else (PRIOR_FLAT, None, None)
-    rng_state = make_rng_state(seed, 0, z0.device)
-    z = z0.contiguous() if create_graph else z0.detach().contiguous().clone()
     evaluate = _Evaluator(energy, prior, kernel_prior is not None, clip_grad, create_graph, return_info)
-    energies = z0.new_empty((n_steps, batch)) if return_info else None
-    grad_norms = z0.new_empty((n_steps, batch)) if return_info else None
-    accepted = torch.zeros((n_steps, batch), dtype=torch.bool, device=z0.device) if method == "mala" else None
-    n_bad = torch.zeros(n_steps, dtype=torch.int64, device=z0.device)
+    energies = z.new_empty((n_steps, batch)) if return_info else None
+    grad_norms = z.new_empty((n_steps, batch)) if return_info else None
+    accepted = torch.zeros((n_steps, batch), dtype=torch.bool, device=z.device) if method == "mala" else None
+    n_bad = torch.zeros(n_steps, dtype=torch.int64, device=z.device)
     if method == "mala" and n_steps:
         e, target, grad, norms = evaluate(z)
     for k in range(n_steps):
@@ -252,12 +294,7 @@ def _run_chain(energy, z0, n_steps, step_size, noise_scale, prior: Prior, seed, 
                 norms = None if norms is None else _where(accept, norms_new, norms)
             rng_state[1] += 1
 
-    _raise_if_not_finite(n_bad, z, batch)
-    if not create_graph:
-        z = z.detach()
-    if return_info:
-        return z, LangevinInfo(energies, grad_norms, backend, seed, step_size, noise_scale, method, accepted)
-    return z
+    return ChainResult(z if create_graph else z.detach(), energies, grad_norms, accepted, n_bad)
 
 
 def _where(mask, a, b):
