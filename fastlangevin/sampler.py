@@ -19,7 +19,8 @@ from torch import nn
 from fastlangevin.backends import note_fallback, resolve_backend
 from fastlangevin.energies import MLPEnergy
 from fastlangevin.graphs import run_graphed
-from fastlangevin.ops.mlp_chain import FUSED_DTYPES, METHODS, fused_backend_for, run_mlp_chain
+from fastlangevin.ops.mlp_chain import (FUSED_DTYPES, METHODS, fused_backend_for, run_mlp_chain,
+                                        unsupported_reason)
 from fastlangevin.ops.langevin_step import check_hyper, make_rng_state, run_step
 from fastlangevin.ops.langevin_step_reference import PRIOR_FLAT, PRIOR_NORMAL
 from fastlangevin.ops.philox import MAX_SEED, acceptance_uniforms
@@ -184,6 +185,8 @@ def _fused_plan(energy, z0, prior: Prior, step_backend: str, create_graph: bool)
             fused, why = None, f"the fused chain runs float32/float64, not {z0.dtype}"
         elif z0[0].numel() != energy.dims[0]:
             return None  # the energy itself raises the shape error on the step-op path
+        elif (limit := unsupported_reason(fused, energy, z0)) is not None:
+            fused, why = None, limit
     if fused is None:
         note_fallback(f"MLPEnergy chain on {z0.device.type}", f"step-op chain ({step_backend})", why)
     return fused

@@ -193,3 +193,13 @@ def test_from_sequential_spectral_norm():
 def test_from_sequential_rejects_what_it_cannot_adopt(seq, match):
     with pytest.raises(ValueError, match=match):
         fl.MLPEnergy.from_sequential(seq)
+
+
+def test_a_network_beyond_the_kernel_limits_falls_back_with_the_reason():
+    require("triton", "cpu")
+    energy = make_energy((4, 8, 8, 8, 8, 1), "relu", torch.float64, "cpu")  # five weight layers
+    z0 = torch.randn(3, 4, dtype=torch.float64)
+    z, info = fl.langevin(energy, z0, 2, 0.1, seed=1, backend="triton", return_info=True)
+    assert info.backend == "triton"
+    assert any("1 to 4 weight layers" in f for f in fl.backend_info().fallbacks)
+    torch.testing.assert_close(z, fl.langevin(energy, z0, 2, 0.1, seed=1, backend="reference"), **TOL[torch.float64])

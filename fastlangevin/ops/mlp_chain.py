@@ -99,6 +99,17 @@ def fused_backend_for(step_backend: str) -> tuple[str | None, str]:
     return step_backend, "fused"
 
 
+def unsupported_reason(backend: str, energy, z0: torch.Tensor) -> str | None:
+    """Why this network cannot run on the fused ``backend`` (a size limit of the kernel), or None."""
+    if backend == "triton":
+        from fastlangevin.ops.triton.mlp_chain import launch_settings
+        try:
+            launch_settings(z0.shape[0], energy.dims, z0.dtype)
+        except ValueError as error:
+            return str(error)
+    return None
+
+
 def run_mlp_chain(backend: str, energy, z0: torch.Tensor, n_steps: int, step_size: float, noise_scale: float,
                   prior_args, rng_state: torch.Tensor, clip_grad: float | None, method: str, return_info: bool):
     """Runs the fused chain; z0: (B, *latent) is flattened to (B, D). Returns (z, energies, grad_norms, accepted)
