@@ -27,14 +27,29 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def launch_cpu(out, z, grad, rng_state, step_size, noise_scale, prior_kind, prior_mean, prior_inv_var) -> None:
+    """The C++ kernel writing one step into ``out`` (contiguous CPU tensors; prior tensors in the compute dtype)."""
+    _ext.require_cpu().langevin_step(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), _features(z),
+                                     prior_kind, _ptr(prior_mean), _ptr(prior_inv_var), rng_state.data_ptr(),
+                                     step_size, noise_scale, DTYPE_CODES[z.dtype], torch.get_num_threads())
+
+
+def launch_cuda(out, z, grad, rng_state, step_size, noise_scale, prior_kind, prior_mean, prior_inv_var) -> None:
+    """The CUDA kernel writing one step into ``out`` on the current stream of ``z``'s device."""
+    with torch.cuda.device(z.device):
+        stream = torch.cuda.current_stream(z.device).cuda_stream
+        _ext.require_cuda().langevin_step(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), _features(z),
+                                          prior_kind, _ptr(prior_mean), _ptr(prior_inv_var), rng_state.data_ptr(),
+                                          step_size, noise_scale, DTYPE_CODES[z.dtype], 0, stream)
+
+
 @torch.library.custom_op("fastlangevin::langevin_step_cpu", mutates_args=(), device_types="cpu")
 def langevin_step_cpu(z: torch.Tensor, grad: torch.Tensor, rng_state: torch.Tensor, step_size: float,
                       noise_scale: float, prior_kind: int, prior_mean: Optional[torch.Tensor],
                       prior_inv_var: Optional[torch.Tensor]) -> torch.Tensor:
     out = torch.empty_like(z)
-    _ext.require_cpu().langevin_step(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), _features(z), prior_kind,
-                                  _ptr(prior_mean), _ptr(prior_inv_var), rng_state.data_ptr(), step_size,
-                                  noise_scale, DTYPE_CODES[z.dtype], torch.get_num_threads())
+    launch_cpu(out, z.contiguous(), grad.contiguous(), rng_state, step_size, noise_scale, prior_kind, prior_mean,
+               prior_inv_var)
     return out
 
 
@@ -43,11 +58,8 @@ def langevin_step_cuda(z: torch.Tensor, grad: torch.Tensor, rng_state: torch.Ten
                        noise_scale: float, prior_kind: int, prior_mean: Optional[torch.Tensor],
                        prior_inv_var: Optional[torch.Tensor]) -> torch.Tensor:
     out = torch.empty_like(z)
-    with torch.cuda.device(z.device):
-        stream = torch.cuda.current_stream(z.device).cuda_stream
-        _ext.require_cuda().langevin_step(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), _features(z),
-                                       prior_kind, _ptr(prior_mean), _ptr(prior_inv_var), rng_state.data_ptr(),
-                                       step_size, noise_scale, DTYPE_CODES[z.dtype], 0, stream)
+    launch_cuda(out, z.contiguous(), grad.contiguous(), rng_state, step_size, noise_scale, prior_kind, prior_mean,
+                prior_inv_var)
     return out
 
 
