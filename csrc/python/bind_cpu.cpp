@@ -1,12 +1,15 @@
 // pybind11 module fastlangevin._C: the CPU backend. Pointers come in as Python ints (tensor.data_ptr()); the GIL is
 // released while the kernel runs.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "fastlangevin/cpu.h"
 #include "fastlangevin/langevin_step.h"
+#include "fastlangevin/mlp_chain.h"
 
 namespace py = pybind11;
 namespace flc = fastlangevin::cpu;
@@ -60,6 +63,39 @@ void normal_noise(uintptr_t out, int64_t n, uintptr_t rng_state, int dtype, int 
     flc::normal_noise_f64(ptr<double>(out), n, ptr<const int64_t>(rng_state), n_threads);
 }
 
+void mlp_chain(uintptr_t z, int64_t batch, const std::vector<int64_t>& dims, const std::vector<uintptr_t>& weight_ptrs,
+               const std::vector<uintptr_t>& bias_ptrs, int activation, double activation_param, double output_sign,
+               int64_t n_steps, double step_size, double noise_scale, int prior_kind, uintptr_t mean,
+               uintptr_t inv_var, uintptr_t rng_state, double clip_grad, int method, uintptr_t energies,
+               uintptr_t grad_norms, uintptr_t accepted, int dtype, int n_threads) {
+  flc::MLPChainArgs a;
+  a.z = ptr<void>(z);
+  a.batch = batch;
+  a.dims = dims;
+  for (uintptr_t w : weight_ptrs) a.weights.push_back(ptr<const void>(w));
+  for (uintptr_t b : bias_ptrs) a.biases.push_back(ptr<const void>(b));
+  a.activation = activation;
+  a.activation_param = activation_param;
+  a.output_sign = output_sign;
+  a.n_steps = n_steps;
+  a.step_size = step_size;
+  a.noise_scale = noise_scale;
+  a.prior_kind = prior_kind;
+  a.mean = ptr<const void>(mean);
+  a.inv_var = ptr<const void>(inv_var);
+  a.rng_state = ptr<const int64_t>(rng_state);
+  a.clip_grad = clip_grad;
+  a.method = method;
+  a.energies = ptr<void>(energies);
+  a.grad_norms = ptr<void>(grad_norms);
+  a.accepted = ptr<uint8_t>(accepted);
+  a.dtype = dtype;
+  a.n_threads = n_threads;
+  flc::check_mlp_chain_args(a);  // std::invalid_argument -> ValueError
+  py::gil_scoped_release release;
+  flc::mlp_chain(a);
+}
+
 py::dict build_info() {
   py::dict d;
   d["backend"] = "cpu";
@@ -86,6 +122,16 @@ PYBIND11_MODULE(_C, m) {
         "uses i % D). rng_state_ptr: int64 [seed, counter], read, not advanced. n_threads <= 0: all.");
   m.def("normal_noise", &normal_noise, py::arg("out_ptr"), py::arg("n"), py::arg("rng_state_ptr"), py::arg("dtype"),
         py::arg("n_threads"), "Writes the first n values of the Philox/Box-Muller stream at rng_state to out.");
+  m.def("mlp_chain", &mlp_chain, py::arg("z_ptr"), py::arg("batch"), py::arg("dims"), py::arg("weight_ptrs"),
+        py::arg("bias_ptrs"), py::arg("activation"), py::arg("activation_param"), py::arg("output_sign"),
+        py::arg("n_steps"), py::arg("step_size"), py::arg("noise_scale"), py::arg("prior_kind"), py::arg("mean_ptr"),
+        py::arg("inv_var_ptr"), py::arg("rng_state_ptr"), py::arg("clip_grad"), py::arg("method"),
+        py::arg("energies_ptr"), py::arg("grad_norms_ptr"), py::arg("accepted_ptr"), py::arg("dtype"),
+        py::arg("n_threads"),
+        "The fused Langevin chain of an MLP energy (contract: fastlangevin.ops.mlp_chain), z (batch, dims[0]) updated\n"
+        "in place. dims (D, H_1, ..., 1); weight l (dims[l+1], dims[l]) row-major; bias_ptrs empty or one per layer.\n"
+        "activation: fastlangevin.energies.ACTIVATIONS code. method: 0 ULA, 1 MALA. energies_ptr, grad_norms_ptr\n"
+        "(n_steps, batch) of dtype and accepted_ptr (uint8) may be 0 (not wanted). clip_grad <= 0: no clipping.");
   m.def("build_info", &build_info, "How this module was built: compiler, flags, SIMD width, OpenMP.");
   m.attr("PRIOR_FLAT") = (int)fastlangevin::kPriorFlat;
   m.attr("PRIOR_NORMAL") = (int)fastlangevin::kPriorNormal;

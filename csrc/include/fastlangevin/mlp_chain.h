@@ -1,0 +1,65 @@
+// CPU entry point of the fully fused Langevin chain of an MLP energy (fastlangevin.ops.mlp_chain: the contract).
+// Framework-free: raw pointers to contiguous arrays of the compute dtype, sizes and scalars.
+//
+// Layers l = 0..L-1: weight (dims[l+1], dims[l]) row-major, optional bias (dims[l+1],); h_{l+1} = act(W_l h_l + b_l)
+// for the hidden layers, E = output_sign * (W_{L-1} h_{L-1} + b_{L-1}) with dims[L] = 1. All n_steps steps (forward,
+// analytic input gradient, clipping, prior, Philox noise at counter rng_state[1] + k, update; for MALA also the
+// proposal's energy and gradient and the Metropolis test) run in one call, z (batch, dims[0]) updated in place.
+#ifndef FASTLANGEVIN_MLP_CHAIN_H_
+#define FASTLANGEVIN_MLP_CHAIN_H_
+
+#include <cstdint>
+#include <vector>
+
+namespace fastlangevin {
+namespace cpu {
+
+// Activation codes: fastlangevin.energies.ACTIVATIONS.
+enum Activation {
+  kActRelu = 0,
+  kActLeakyRelu = 1,  // param: negative slope
+  kActSilu = 2,
+  kActGelu = 3,      // exact (erf)
+  kActGeluTanh = 4,  // tanh approximation
+  kActElu = 5,       // param: alpha
+  kActSoftplus = 6,  // beta 1, threshold 20
+  kActTanh = 7,
+};
+
+enum ChainMethod { kMethodUla = 0, kMethodMala = 1 };
+
+struct MLPChainArgs {
+  void* z = nullptr;  // (batch, dims[0]), updated in place
+  int64_t batch = 0;
+  std::vector<int64_t> dims;          // (D, H_1, ..., H_{L-1}, 1)
+  std::vector<const void*> weights;   // L pointers, weight l (dims[l+1], dims[l]) row-major
+  std::vector<const void*> biases;    // empty (no biases) or L pointers, bias l (dims[l+1],)
+  int activation = kActLeakyRelu;
+  double activation_param = 0.0;
+  double output_sign = 1.0;           // +1 or -1
+  int64_t n_steps = 0;
+  double step_size = 0.0;             // epsilon
+  double noise_scale = 0.0;           // sigma (MALA: sqrt(epsilon))
+  int prior_kind = 1;                 // fastlangevin::PriorKind; the diagonal prior reads mean and inv_var (dims[0])
+  const void* mean = nullptr;
+  const void* inv_var = nullptr;
+  const int64_t* rng_state = nullptr;  // [seed, counter]: read, never advanced
+  double clip_grad = 0.0;              // > 0: each sample's ||grad E|| is bounded by it
+  int method = kMethodUla;
+  void* energies = nullptr;    // (n_steps, batch): E of the state before step k; nullptr: not wanted
+  void* grad_norms = nullptr;  // (n_steps, batch): its unclipped ||grad E||; nullptr: not wanted
+  uint8_t* accepted = nullptr;  // (n_steps, batch), MALA only; nullptr: not wanted
+  int dtype = 0;                // 0 float32, 1 float64
+  int n_threads = 0;            // <= 0: all
+};
+
+// Throws std::invalid_argument naming the bad argument, the expected and the actual value.
+void check_mlp_chain_args(const MLPChainArgs& args);
+
+// Runs the chain (call check_mlp_chain_args first). Thread-safe; takes no locks.
+void mlp_chain(const MLPChainArgs& args);
+
+}  // namespace cpu
+}  // namespace fastlangevin
+
+#endif  // FASTLANGEVIN_MLP_CHAIN_H_
