@@ -1,0 +1,111 @@
+"""Run-directory files written atomically: safetensors checkpoints (model, optimizer state, step) and JSON.
+
+A checkpoint is one ``.safetensors`` file: the module's tensors under ``model.``, the optimizer's per-parameter
+tensors under ``optimizer.state.<index>.<name>``, and everything that is not a tensor (step, optimizer hyper-parameters,
+free-form extras) as JSON in the header's metadata under ``"fastlangevin"``. Writes go to a temporary file in the
+same folder, are fsync'ed, then ``os.replace``d over the target, so an interrupted run never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+
+META_KEY = "fastlangevin"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder + fsync + ``os.replace``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable; not every file system lets a folder be opened
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _optimizer_to_flat(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, state_meta = {}, {}
+    for index, entries in state_dict["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.state.{index}.{name}"] = value
+            else:
+                state_meta.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "state": state_meta}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer.state."):
+            index, name = key[len("optimizer.state."):].split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+    for index, entries in meta["state"].items():
+        state.setdefault(int(index), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    step: int = 0, extra: dict | None = None) -> None:
+    """Save ``module``'s state dict, ``optimizer``'s state, ``step`` (+ JSON-able ``extra``) and torch's CPU random
+    state (so a resumed run draws the same noise as an uninterrupted one) atomically."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    tensors["rng.torch_cpu"] = torch.get_rng_state()
+    meta = {"step": int(step), "extra": extra or {}}
+    if optimizer is not None:
+        opt_tensors, meta["optimizer"] = _optimizer_to_flat(optimizer.state_dict())
+        tensors.update({k: v.detach().cpu().contiguous().clone() for k, v in opt_tensors.items()})
+    atomic_write_bytes(path, save(tensors, metadata={META_KEY: json.dumps(meta)}))
+
+
+def load_checkpoint(path: str | os.PathLike, module: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, map_location: str | torch.device = "cpu",
+                    restore_rng: bool = False) -> dict:
+    """Load what ``save_checkpoint`` wrote into ``module`` / ``optimizer`` (either may be None) and, with
+    ``restore_rng``, torch's CPU random state; returns the metadata ``{"step", "extra", ...}``.
+    Raises ``FileNotFoundError`` naming the path when it is missing."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+    tensors = load_file(path, device=str(map_location))
+    if module is not None:
+        module.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    if optimizer is not None:
+        if "optimizer" not in meta:
+            raise ValueError(f"{path} holds no optimizer state; it cannot resume training")
+        optimizer.load_state_dict(_optimizer_from_flat(tensors, meta["optimizer"]))
+    if restore_rng and "rng.torch_cpu" in tensors:
+        torch.set_rng_state(tensors["rng.torch_cpu"].cpu())
+    return meta

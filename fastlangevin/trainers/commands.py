@@ -1,0 +1,112 @@
+"""The trainer subcommands of ``fastlangevin``: ``train-base``, ``tilt``, ``sample``, ``evaluate``.
+
+``add_commands(subparsers)`` registers them on the CLI's subparsers; ``run(args)`` runs the parsed command and
+returns True when it was one of these (False otherwise, so the CLI can go on dispatching its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+COMMANDS = ("train-base", "tilt", "sample", "evaluate")
+
+
+def add_commands(subparsers) -> None:
+    base = subparsers.add_parser("train-base", help="train a backbone (vae, glow, glf) and write a run directory")
+    base.add_argument("model", choices=("vae", "glow", "glf"))
+    base.add_argument("--data", required=True, help="25gaussians, swissroll, digits, mnist, fashion-mnist, cifar10")
+    base.add_argument("--data-dir", default=None, help="folder of the mnist / fashion-mnist / cifar10 files")
+    base.add_argument("--out", required=True, help="the run directory (created)")
+    length = base.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="training batches (default 2000)")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the training set")
+    base.add_argument("--batch-size", type=int, default=256)
+    base.add_argument("--lr", type=float, default=1e-3)
+    base.add_argument("--seed", type=int, default=0)
+    base.add_argument("--n-train", type=int, default=None, help="training set size (toys: default 10000)")
+    base.add_argument("--latent-dim", type=int, default=None, help="vae/glf latent size (default by data)")
+    base.add_argument("--width", type=int, default=None, help="network width (default by model and data)")
+    base.add_argument("--checkpoint-every", type=int, default=500)
+    base.add_argument("--resume", action="store_true", help="continue from RUN_DIR/base.safetensors")
+    base.add_argument("--device", default="cpu")
+
+    tilt = subparsers.add_parser("tilt", help="train the latent EBM E(G(z)) on a run's frozen backbone")
+    tilt.add_argument("run_dir")
+    tilt.add_argument("--steps", type=int, default=500)
+    tilt.add_argument("--batch-size", type=int, default=256)
+    tilt.add_argument("--lr", type=float, default=1e-4)
+    tilt.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (beta2 0.999)")
+    tilt.add_argument("--n-steps", type=int, default=60, help="Langevin steps per training iteration")
+    tilt.add_argument("--step-size", type=float, default=0.01, help="Langevin step size epsilon")
+    tilt.add_argument("--sample-steps", type=int, default=100, help="Langevin steps to sample / evaluate")
+    tilt.add_argument("--reg", type=float, default=0.1, help="energy regulariser reg*(mean E+^2 + mean E-^2)")
+    tilt.add_argument("--positives", choices=("data", "reconstruction"), default="data",
+                      help="real x (the paper) or G(encode(x))")
+    tilt.add_argument("--energy-width", type=int, default=None)
+    tilt.add_argument("--energy-depth", type=int, default=None)
+    tilt.add_argument("--eval-every", type=int, default=50, help="steps between early-stopping evaluations")
+    tilt.add_argument("--n-eval", type=int, default=2000, help="samples per early-stopping evaluation")
+    tilt.add_argument("--stop-on", choices=("mmd2", "energy_distance", "high_quality"), default="mmd2",
+                      help="validation metric that picks ebm_best (high_quality: toy data with modes only)")
+    tilt.add_argument("--patience", type=int, default=None,
+                      help="stop after this many evaluations without improvement (default: run all steps)")
+    tilt.add_argument("--seed", type=int, default=0)
+    tilt.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ebm.safetensors")
+    tilt.add_argument("--device", default="cpu")
+
+    for name, helptext, n in (("sample", "draw from base and tilted model; write the before/after PNG", 2000),
+                              ("evaluate", "base vs tilted metrics against the test split -> evaluation.json",
+                               5000)):
+        p = subparsers.add_parser(name, help=helptext)
+        p.add_argument("run_dir")
+        p.add_argument("--n", type=int, default=n, help=f"samples (default {n})")
+        p.add_argument("--seed", type=int, default=0 if name == "sample" else 123)
+        p.add_argument("--n-steps", type=int, default=None, help="Langevin steps (default: the run's 100)")
+        p.add_argument("--which", choices=("best", "last"), default="best", help="ebm_best or the last EBM")
+        p.add_argument("--device", default="cpu")
+
+
+def run(args: argparse.Namespace) -> bool:
+    if args.command not in COMMANDS:
+        return False
+    from fastlangevin import trainers
+    if args.command == "train-base":
+        steps = args.steps if args.steps is not None or args.epochs is not None else 2000
+        metrics = trainers.train_base(args.model, args.data, args.out, steps=steps, epochs=args.epochs,
+                                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, data_dir=args.data_dir,
+                                      n_train=args.n_train, latent_dim=args.latent_dim, width=args.width,
+                                      checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device)
+        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
+    elif args.command == "tilt":
+        metrics = trainers.train_tilt(args.run_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                      betas=(args.beta1, 0.999), n_steps=args.n_steps, step_size=args.step_size,
+                                      sample_steps=args.sample_steps, reg=args.reg, positives=args.positives,
+                                      energy_width=args.energy_width, energy_depth=args.energy_depth,
+                                      eval_every=args.eval_every, n_eval=args.n_eval, patience=args.patience,
+                                      stop_on=args.stop_on, seed=args.seed, resume=args.resume, device=args.device)
+        best = metrics["best"]
+        print(f"best validation {best['metric']} {best['value']:.5g} at step {best['step']}")
+    elif args.command == "sample":
+        path = trainers.sample_run(args.run_dir, n=args.n, seed=args.seed, n_steps=args.n_steps, which=args.which,
+                                   device=args.device)
+        if path:
+            print(f"wrote {path}")
+    else:
+        result = trainers.evaluate_run(args.run_dir, n=args.n, seed=args.seed, n_steps=args.n_steps,
+                                       which=args.which, device=args.device)
+        print(trainers.format_evaluation(result))
+    return True
+
+
+def main(argv=None) -> int:
+    """Run the trainer subcommands alone (``python -m fastlangevin.trainers.commands tilt RUN_DIR``), as the
+    ``fastlangevin`` CLI would once it registers them."""
+    parser = argparse.ArgumentParser(prog="fastlangevin", description="Latent EBM trainers.")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

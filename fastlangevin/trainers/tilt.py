@@ -1,0 +1,273 @@
+"""``tilt``, ``sample``, ``evaluate``: the latent EBM of the exponential-tilting paper on a frozen backbone.
+
+Target: p_θ(z) ∝ N(z; 0, I)·exp(−E_θ(G(z))) — the energy acts on the generated sample G(z), so every Langevin
+step back-propagates through the frozen generator. Learning (maximum likelihood with short-run chains):
+
+    loss = mean E(x⁺) − mean E(G(z_K)) + reg · (mean E(x⁺)² + mean E(G(z_K))²)
+
+x⁺ are real training data (the paper, ``positives="data"``) or the backbone's reconstructions G(encode(x))
+(``positives="reconstruction"``, which keeps the energy from learning what the decoder can never produce). z_K comes
+from ``fl.langevin`` with the Gaussian prior, started from fresh N(0, I) draws every step (non-persistent), ε = 0.01,
+60 steps (the paper's App. B.2). Early stopping on sample quality: every ``eval_every`` steps the tilted model is
+sampled with the sampling chain (100 steps) and scored against a validation draw (``stop_on``: MMD², energy distance,
+or, for data with known modes, the high-quality share); the best is kept in RUN_DIR/ebm_best.safetensors, the
+latest (with optimizer state, for ``resume``) in RUN_DIR/ebm.safetensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import fastlangevin as fl
+from fastlangevin.data import TOY_DATASETS, make_dataset
+from fastlangevin.trainers.base import batch_indices, load_base
+from fastlangevin.trainers.checkpoint import load_checkpoint, read_json, save_checkpoint, write_json
+from fastlangevin.trainers.energy_nets import make_energy
+from fastlangevin.trainers.quality import plot_panels, sample_quality
+
+EBM_LAST, EBM_BEST = "ebm.safetensors", "ebm_best.safetensors"
+POSITIVES = ("data", "reconstruction")
+STOP_ON = {"mmd2": -1.0, "energy_distance": -1.0, "high_quality": 1.0}  # early-stopping metrics, +1: higher is better
+
+
+def tilted_energy(energy, base):
+    """z ↦ E(G(z)): the latent energy ``fl.langevin`` samples (with its N(0, I) prior)."""
+    return lambda z: energy(base.generate(z))
+
+
+def sample_tilted(base, energy, z0: torch.Tensor, n_steps: int, step_size: float, seed: int,
+                  batch_size: int = 1000) -> torch.Tensor:
+    """G(z_K) for chains from ``z0`` (N, latent_dim), run in batches of ``batch_size``: (N, *data_shape)."""
+    out = []
+    for i, chunk in enumerate(z0.split(batch_size)):
+        z = fl.langevin(tilted_energy(energy, base), chunk, n_steps, step_size, prior="normal", seed=seed + i)
+        with torch.no_grad():
+            out.append(base.generate(z).cpu())
+    return torch.cat(out)
+
+
+def _validation_set(base_config: dict, n: int):
+    """Held-out data for early stopping, kept apart from the test split that ``evaluate`` reports on: an
+    independent draw for toys, the last n training samples for the other data sets."""
+    name, data_dir, seed = base_config["data"], base_config["data_dir"], base_config["seed"]
+    if name in TOY_DATASETS:
+        return make_dataset(name, split="test", seed=seed + 1, n_samples=n)
+    train = make_dataset(name, data_dir, "train", seed=seed)
+    return train.subset(slice(max(0, len(train) - n), None))
+
+
+def load_energy(run_dir, data_shape, tilt_config: dict, which: str = "best", device="cpu"):
+    """The run's energy: ``which="best"`` (ebm_best, falling back to the last) or ``"last"``; frozen, eval mode."""
+    energy = make_energy(data_shape, tilt_config["energy_width"], tilt_config["energy_depth"])
+    path = os.path.join(run_dir, EBM_BEST if which == "best" else EBM_LAST)
+    if which == "best" and not os.path.exists(path):
+        path = os.path.join(run_dir, EBM_LAST)
+    meta = load_checkpoint(path, energy)
+    return energy.to(device).eval().requires_grad_(False), meta
+
+
+def train_tilt(run_dir: str | os.PathLike, *, steps: int = 500, batch_size: int = 256, lr: float = 1e-4,
+               betas: tuple[float, float] = (0.5, 0.999), n_steps: int = 60, step_size: float = 0.01,
+               sample_steps: int = 100, reg: float = 0.1, positives: str = "data", energy_width: int | None = None,
+               energy_depth: int | None = None, eval_every: int = 50, n_eval: int = 2000,
+               patience: int | None = None, stop_on: str = "mmd2", seed: int = 0, resume: bool = False,
+               device: str = "cpu", progress: bool = True) -> dict:
+    """Train the latent EBM on RUN_DIR's frozen backbone; returns the training metrics (also in metrics.json).
+
+    ``stop_on``: the validation metric that picks ebm_best (a key of ``STOP_ON``). ``patience``: stop after that many
+    evaluations without a better one (None: run all ``steps``; the best checkpoint is kept either way)."""
+    if positives not in POSITIVES:
+        raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
+    if stop_on not in STOP_ON:
+        raise ValueError(f"stop_on must be one of {tuple(STOP_ON)}, got {stop_on!r}")
+    base, config = load_base(run_dir, device)
+    if resume:
+        saved = config.get("tilt")
+        if saved is None or not os.path.exists(os.path.join(run_dir, EBM_LAST)):
+            raise FileNotFoundError(f"--resume: no tilt run in {run_dir}; start without --resume")
+        # the saved settings win, so the resumed run is the one that was interrupted (steps may only grow)
+        batch_size, lr, betas = saved["batch_size"], saved["lr"], tuple(saved["betas"])
+        n_steps, step_size, sample_steps = saved["n_steps"], saved["step_size"], saved["sample_steps"]
+        reg, positives, seed = saved["reg"], saved["positives"], saved["seed"]
+        energy_width, energy_depth = saved["energy_width"], saved["energy_depth"]
+        eval_every, n_eval, steps = saved["eval_every"], saved["n_eval"], max(steps, saved["steps"])
+        patience, stop_on = saved.get("patience"), saved.get("stop_on", "mmd2")
+    torch.manual_seed(seed)
+    b = config["base"]
+    train_set = make_dataset(b["data"], b["data_dir"], "train", seed=b["seed"], n_samples=b["n_train"])
+    val_set = _validation_set(b, n_eval)
+    if stop_on == "high_quality" and val_set.modes is None:
+        raise ValueError(f"stop_on='high_quality' needs data with known modes (25gaussians), not {b['data']}; "
+                         f"use 'mmd2' or 'energy_distance'")
+    x_train = train_set.tensors()[0]
+    energy = make_energy(base.data_shape, energy_width, energy_depth).to(device)
+    tilt_config = dict(steps=steps, batch_size=batch_size, lr=lr, betas=list(betas), n_steps=n_steps,
+                       step_size=step_size, sample_steps=sample_steps, reg=reg, positives=positives, seed=seed,
+                       energy_width=energy_width, energy_depth=energy_depth, eval_every=eval_every, n_eval=n_eval,
+                       patience=patience, stop_on=stop_on, energy=type(energy).__name__)
+    optimizer = torch.optim.Adam(energy.parameters(), lr=lr, betas=tuple(betas))
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    all_metrics = read_json(metrics_path) if os.path.exists(metrics_path) else {}
+    start, history, best = 0, [], {"step": None, "metric": stop_on, "value": None}
+    if resume:
+        start = load_checkpoint(os.path.join(run_dir, EBM_LAST), energy, optimizer)["step"]
+        previous = all_metrics.get("tilt_training", {})
+        history, best = previous.get("history", []), previous.get("best", best)
+        print(f"resuming tilt from step {start} of {steps}")
+    config["tilt"] = tilt_config
+    write_json(os.path.join(run_dir, "config.json"), config)
+
+    # Fixed starting points for the validation chains, so successive evaluations compare energies, not noise.
+    z_val = torch.randn(len(val_set), base.latent_dim, generator=torch.Generator().manual_seed(seed + 7)).to(device)
+    bandwidths = None
+    chain_seconds, begin = 0.0, time.perf_counter()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="tilt", disable=not progress, mininterval=2.0,
+               dynamic_ncols=True)
+    for step in bar:
+        x_pos = x_train[batch_indices(len(x_train), batch_size, seed + 1, step)].to(device)
+        if positives == "reconstruction":
+            with torch.no_grad():
+                x_pos = base.generate(base.encode(x_pos))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        z0 = torch.randn(batch_size, base.latent_dim, generator=g).to(device)
+        t0 = time.perf_counter()
+        z_neg = fl.langevin(tilted_energy(energy, base), z0, n_steps, step_size, prior="normal",
+                            seed=(seed * 1_000_003 + step) % (2 ** 62))
+        chain_seconds += time.perf_counter() - t0
+        with torch.no_grad():
+            x_neg = base.generate(z_neg)
+        e_pos, e_neg = energy(x_pos), energy(x_neg)
+        loss = e_pos.mean() - e_neg.mean() + reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"tilt: the loss is {loss.item()} at step {step}; lower --lr or raise --reg")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        gap = (e_neg.mean() - e_pos.mean()).item()
+        elapsed = time.perf_counter() - begin
+        bar.set_postfix(loss=f"{loss.item():.3f}", gap=f"{gap:.3f}",
+                        samples_s=f"{(step + 1 - start) * batch_size / elapsed:.0f}",
+                        chain=f"{chain_seconds / elapsed:.0%}")
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            samples = sample_tilted(base, energy, z_val, sample_steps, step_size, seed=seed + 11)
+            quality = sample_quality(samples, val_set, bandwidths)
+            bandwidths = quality["mmd_bandwidths"]
+            entry = {"step": step + 1, "loss": loss.item(), "energy_gap": gap, **quality}
+            entry.pop("mmd_bandwidths")
+            history.append(entry)
+            value = quality[stop_on]
+            if best["value"] is None or STOP_ON[stop_on] * (value - best["value"]) > 0:
+                best = {"step": step + 1, "metric": stop_on, "value": value}
+                save_checkpoint(os.path.join(run_dir, EBM_BEST), energy, None, step + 1, extra={stop_on: value})
+            save_checkpoint(os.path.join(run_dir, EBM_LAST), energy, optimizer, step + 1)
+            bar.write(f"step {step + 1}: validation mmd2 {quality['mmd2']:.5f}, energy distance "
+                      f"{quality['energy_distance']:.5f}" + (f", high-quality {quality['high_quality']:.1%}, modes "
+                                                              f"{quality['modes_covered']}/{quality['n_modes']}"
+                                                              if "high_quality" in quality else "")
+                      + f" (best {stop_on} {best['value']:.5g} at step {best['step']})")
+            metrics = {"history": history, "best": best, "seconds": time.perf_counter() - begin,
+                       "chain_seconds": chain_seconds, "positives": positives}
+            all_metrics["tilt_training"] = metrics
+            write_json(metrics_path, all_metrics)
+            stalled = best["step"] is not None and step + 1 - best["step"] >= (patience or 0) * eval_every
+            if patience is not None and stalled:
+                bar.write(f"early stop at step {step + 1}: no better validation {stop_on} in {patience} evaluations")
+                break
+    bar.close()
+    return all_metrics.get("tilt_training", {"history": history, "best": best})
+
+
+def _draw(run_dir, n: int, seed: int, n_steps: int | None, which: str, device: str):
+    base, config = load_base(run_dir, device)
+    if "tilt" not in config:
+        raise FileNotFoundError(f"{run_dir} has no tilted model; run `fastlangevin tilt {run_dir}` first")
+    t = config["tilt"]
+    energy, meta = load_energy(run_dir, base.data_shape, t, which, device)
+    z0 = torch.randn(n, base.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    with torch.no_grad():
+        before = base.generate(z0).cpu()
+    after = sample_tilted(base, energy, z0, n_steps or t["sample_steps"], t["step_size"], seed=seed)
+    return before, after, config, meta
+
+
+def langevin_transition(base, energy, z0: torch.Tensor, at_steps, step_size: float, seed: int):
+    """One tilted chain per row of z0, recorded at ``at_steps`` (increasing, e.g. 0, 10, 25, 50, 100): a list of
+    (k, G(z_k)). The chain runs in segments between the recorded steps (a new noise seed per segment)."""
+    out, z, done = [], z0, 0
+    for i, k in enumerate(at_steps):
+        if k > done:
+            z = fl.langevin(tilted_energy(energy, base), z, k - done, step_size, prior="normal", seed=seed + 1 + i)
+            done = k
+        with torch.no_grad():
+            out.append((k, base.generate(z).cpu()))
+    return out
+
+
+def sample_run(run_dir: str | os.PathLike, *, n: int = 2000, seed: int = 0, n_steps: int | None = None,
+               which: str = "best", device: str = "cpu") -> str | None:
+    """Draw n samples from the base and the tilted model (the same z0; the tilted chain runs ``n_steps``, default
+    the run's 100) and write RUN_DIR/samples_before_after.png side by side, and RUN_DIR/langevin_transition.png:
+    the tilted chains at a few steps from 0 to ``n_steps`` (the paper's Figure 3; for images 8 chains as rows).
+    Returns the first PNG's path."""
+    before, after, config, meta = _draw(run_dir, n, seed, n_steps, which, device)
+    b, t = config["base"], config["tilt"]
+    data = make_dataset(b["data"], b["data_dir"], "test", seed=b["seed"],
+                        n_samples=n if b["data"] in TOY_DATASETS else None)
+    path = plot_panels([(f"base {b['model']}", before), (f"tilted (EBM step {meta['step']})", after),
+                        ("held-out data", data.tensors()[0][:n])],
+                       os.path.join(run_dir, "samples_before_after.png"), data)
+    base, _ = load_base(run_dir, device)
+    energy, _ = load_energy(run_dir, base.data_shape, t, which, device)
+    total = n_steps or t["sample_steps"]
+    at_steps = sorted({0, total // 10, total // 4, total // 2, total})
+    image = len(base.data_shape) == 3
+    z0 = torch.randn(8 if image else min(n, 1000), base.latent_dim,
+                     generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    snapshots = langevin_transition(base, energy, z0, at_steps, t["step_size"], seed)
+    path_t = os.path.join(run_dir, "langevin_transition.png")
+    if image:  # one grid: a chain per row, a recorded step per column
+        grid = torch.stack([x for _, x in snapshots], 1).flatten(0, 1)
+        plot_panels([(f"tilted chains at steps {', '.join(map(str, at_steps))}", grid)], path_t,
+                    n_cols=len(at_steps))
+    else:
+        plot_panels([(f"step {k}", x) for k, x in snapshots], path_t, data)
+    return path
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, n: int = 5000, seed: int = 123, n_steps: int | None = None,
+                 which: str = "best", device: str = "cpu") -> dict:
+    """Sample quality of the base and the tilted model against the test split (n samples each, the same z0);
+    written to RUN_DIR/evaluation.json and returned."""
+    before, after, config, meta = _draw(run_dir, n, seed, n_steps, which, device)
+    b = config["base"]
+    test = make_dataset(b["data"], b["data_dir"], "test", seed=b["seed"],
+                        n_samples=n if b["data"] in TOY_DATASETS else None)
+    base_q = sample_quality(before, test)
+    tilted_q = sample_quality(after, test, base_q["mmd_bandwidths"])
+    result = {"data": b["data"], "model": b["model"], "ebm_step": meta["step"], "which": which, "seed": seed,
+              "n_steps": n_steps or config["tilt"]["sample_steps"], "base": base_q, "tilted": tilted_q}
+    write_json(os.path.join(run_dir, "evaluation.json"), result)
+    return result
+
+
+def format_evaluation(result: dict) -> str:
+    """A table of base vs tilted metrics."""
+    keys = [k for k in ("high_quality", "modes_covered", "mmd2", "energy_distance") if k in result["base"]]
+    lines = [f"{result['model']} on {result['data']}: base vs tilted (EBM step {result['ebm_step']}, "
+             f"{result['n_steps']} Langevin steps, {result['base']['n_samples']} samples vs "
+             f"{result['base']['n_reference']} test points)",
+             f"{'':<8}" + "".join(f"{k:>18}" for k in keys)]
+    for name in ("base", "tilted"):
+        row = result[name]
+        cells = []
+        for k in keys:
+            v = row[k]
+            cells.append(f"{v:>18.1%}" if k == "high_quality" else f"{str(v) + '/' + str(row['n_modes']):>18}"
+                         if k == "modes_covered" else f"{v:>18.5f}")
+        lines.append(f"{name:<8}" + "".join(cells))
+    return "\n".join(lines)
