@@ -13,11 +13,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-from common import machine, print_table, time_call, write_json  # noqa: E402
-
-from fastlangevin.backends import AUTO_ORDER, backend_status  # noqa: E402
-from fastlangevin.ops.langevin_step import make_rng_state, run_step  # noqa: E402
+from fastlangevin.backends import AUTO_ORDER, backend_status
+from fastlangevin.bench import machine, print_table, time_call, write_json
+from fastlangevin.ops.langevin_step import make_rng_state, run_step
 
 STEP_SIZE, NOISE_SCALE = 0.01, 0.1
 

@@ -1,14 +1,18 @@
-"""The ``fastlangevin`` command: ``demo``, ``info``."""
+"""The ``fastlangevin`` command: ``demo``, ``info``, ``bench``, and the trainers' ``train-base``, ``tilt``,
+``sample``, ``evaluate``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from fastlangevin.trainers import commands as trainer_commands
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastlangevin", description="Fast Langevin sampling for latent EBMs.")
     sub = parser.add_subparsers(dest="command", required=True)
+    trainer_commands.add_commands(sub)
 
     demo = sub.add_parser("demo", help="sample a 25-Gaussian mixture with every available backend")
     demo.add_argument("--out", default="demo-out", help="folder for the PNG (default: demo-out)")
@@ -19,13 +23,28 @@ def main(argv=None) -> int:
 
     sub.add_parser("info", help="which backends are built and available here, and why")
 
+    bench = sub.add_parser("bench", help="time whole Langevin chains: eager PyTorch, torch.compile, the step op, "
+                                         "the fused chain, JAX; prints a table, writes JSON and a PNG")
+    bench.add_argument("--quick", action="store_true", help="a subset that runs in about a minute")
+    bench.add_argument("--cases", default="mlp,conv,scaling", help="comma-separated: mlp, conv, scaling")
+    bench.add_argument("--out", default="bench-out", help="folder for chain_bench.json and .png (default: bench-out)")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--repeats", type=int, default=None, help="timed chains per row (default 10, quick 5; "
+                                                                 "long chains stop after 3)")
+
     args = parser.parse_args(argv)
+    if trainer_commands.run(args):
+        return 0
     if args.command == "demo":
         from fastlangevin.demo import run_demo
         run_demo(args.out, args.n_samples, args.n_steps, args.seed, args.device)
     elif args.command == "info":
         import fastlangevin as fl
         print(fl.backend_info())
+    elif args.command == "bench":
+        from fastlangevin.bench import run_bench
+        cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+        run_bench(args.out, cases, args.quick, args.device, args.repeats)
     return 0
 
 
