@@ -264,24 +264,20 @@ class ChainResult:
 def run_chain_body(energy, z, rng_state, n_steps, step_size, noise_scale, prior: Prior, backend, clip_grad,
                    return_info, create_graph, method) -> ChainResult:
     """The step-op chain from ``z`` (contiguous; detached unless ``create_graph``) with the noise stream at
-    ``rng_state`` (advanced in place, one per step). Launches kernels only: safe to capture in a CUDA graph."""
-    batch = z.shape[0]
+    ``rng_state`` (advanced in place, one per step). Launches kernels only: safe to capture in a CUDA graph.
+    Per-step outputs are collected in lists and stacked once, so a step costs no bookkeeping kernels."""
     kernel_prior = prior.kernel_params(z)
     prior_args = kernel_prior if kernel_prior is not None else (PRIOR_FLAT, None, None)
     evaluate = _Evaluator(energy, prior, kernel_prior is not None, clip_grad, create_graph, return_info)
-    energies = z.new_empty((n_steps, batch)) if return_info else None
-    grad_norms = z.new_empty((n_steps, batch)) if return_info else None
-    accepted = torch.zeros((n_steps, batch), dtype=torch.bool, device=z.device) if method == "mala" else None
-    n_bad = torch.zeros(n_steps, dtype=torch.int64, device=z.device)
+    energies, grad_norms, accepted = [], [], []
     if method == "mala" and n_steps:
         e, target, grad, norms = evaluate(z)
     for k in range(n_steps):
         with nvtx_range(f"step {k}"):
             if method == "ula":
                 e, _, grad, norms = evaluate(z)
-            n_bad[k] = (~torch.isfinite(e)).sum()
-            if return_info:
-                energies[k], grad_norms[k] = e, norms
+            energies.append(e)
+            grad_norms.append(norms)
             z_now = z if create_graph else z.detach()
             with nvtx_range("update"):
                 proposal = run_step(backend, z_now, grad, rng_state, step_size, noise_scale, *prior_args)
@@ -291,13 +287,19 @@ def run_chain_body(energy, z, rng_state, n_steps, step_size, noise_scale, prior:
                 e_new, target_new, grad_new, norms_new = evaluate(proposal)
                 accept = _mala_accept(z_now, proposal, target, target_new, grad, grad_new, prior_args, step_size,
                                       rng_state)
-                accepted[k] = accept
+                accepted.append(accept)
                 z, e, target, grad = (_where(accept, new, old) for new, old in
                                       ((proposal, z_now), (e_new, e), (target_new, target), (grad_new, grad)))
                 norms = None if norms is None else _where(accept, norms_new, norms)
             rng_state[1] += 1
 
-    return ChainResult(z if create_graph else z.detach(), energies, grad_norms, accepted, n_bad)
+    empty = z.new_empty((0, z.shape[0]))
+    energies = torch.stack(energies) if energies else empty
+    n_bad = (~torch.isfinite(energies)).sum(1)
+    grad_norms = (torch.stack(grad_norms) if grad_norms else empty) if return_info else None
+    accepted = (torch.stack(accepted) if accepted else empty.bool()) if method == "mala" else None
+    return ChainResult(z if create_graph else z.detach(), energies if return_info else None, grad_norms, accepted,
+                       n_bad)
 
 
 def _where(mask, a, b):
