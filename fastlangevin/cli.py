@@ -16,7 +16,7 @@ def main(argv=None) -> int:
 
     demo = sub.add_parser("demo", help="sample a 25-Gaussian mixture with every available backend")
     demo.add_argument("--out", default="demo-out", help="folder for the PNG (default: demo-out)")
-    demo.add_argument("--n-samples", type=int, default=10_000)
+    demo.add_argument("--n-samples", type=int, default=5_000)
     demo.add_argument("--n-steps", type=int, default=200)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cpu")

@@ -19,7 +19,7 @@ MODE_STD = 0.1
 STEP_SIZE = 0.002  # ε·λ = 0.2 at the modes' precision λ = 1/0.1²: stable, small ULA bias
 
 
-def run_demo(out_dir: str = "demo-out", n_samples: int = 10_000, n_steps: int = 200, seed: int = 0,
+def run_demo(out_dir: str = "demo-out", n_samples: int = 5_000, n_steps: int = 200, seed: int = 0,
              device: str = "cpu") -> dict:
     os.makedirs(out_dir, exist_ok=True)
     device = torch.device(device)
