@@ -232,49 +232,55 @@ constexpr std::array<KernelFn<T>, sizeof...(R)> kernel_table(std::integer_sequen
   return {{&micro_kernel<T, R + 1, NV>...}};
 }
 
-// A weight matrix packed for C = P . X: `rows` output rows in panels of MR (the last one narrower), panel n0 holding
-// data[n0 * cols + c * mr + r] = M(n0 + r, c) with mr = min(MR, rows - n0).
+// A weight matrix packed for C = P . X: `rows` output rows in panels of `mr` rows (the last one narrower), panel n0
+// holding data[n0 * cols + c * h + r] = M(n0 + r, c) with h = min(mr, rows - n0).
 template <typename T>
 struct Packed {
   const T* data;
-  int rows, cols;
+  int rows, cols, mr;
 };
 
-// C (rows x TB) = P . X (cols x TB); epilogue(n0, mr) runs on each finished panel of output rows.
+// Panel height for `rows` output rows and micro-kernels of up to max_mr rows: the largest height in
+// [2/3 max_mr, max_mr] that divides rows (200 rows: 10 panels of 20 or 20 of 10, no narrow last panel), else max_mr.
+inline int panel_rows(int rows, int max_mr) {
+  for (int mr = max_mr; 3 * mr >= 2 * max_mr; --mr)
+    if (rows % mr == 0) return mr;
+  return max_mr;
+}
+
+// C (rows x TB) = P . X (cols x TB); epilogue(n0, h) runs on each finished panel of output rows.
 template <typename T, int NV, typename Epilogue>
 FL_FORCEINLINE void product(const Packed<T>& p, const T* X, T* C, Epilogue&& epilogue) {
   constexpr int MR = rows_per_block<NV>();
   constexpr int TB = NV * Vec<T>::kLanes;
   static constexpr std::array<KernelFn<T>, MR> kTable = kernel_table<T, NV>(std::make_integer_sequence<int, MR>());
-  for (int n0 = 0; n0 < p.rows; n0 += MR) {
-    const int mr = std::min(MR, p.rows - n0);
-    if (mr == MR)
-      micro_kernel<T, MR, NV>(p.data + (int64_t)n0 * p.cols, X, p.cols, C + (int64_t)n0 * TB);
-    else
-      kTable[mr - 1](p.data + (int64_t)n0 * p.cols, X, p.cols, C + (int64_t)n0 * TB);
-    epilogue(n0, mr);
+  for (int n0 = 0; n0 < p.rows; n0 += p.mr) {
+    const int h = std::min(p.mr, p.rows - n0);
+    kTable[h - 1](p.data + (int64_t)n0 * p.cols, X, p.cols, C + (int64_t)n0 * TB);
+    epilogue(n0, h);
   }
 }
 
-// Packs M (rows x cols, M(r, c) = src[r * rs + c * cs]) into MR-row panels (see Packed): the panels
+// Packs M (rows x cols, M(r, c) = src[r * rs + c * cs]) into panels of mr rows (see Packed): the panels
 // i = part, part + parts, ... of it, so that the threads can share the work.
 template <typename T>
 struct PackJob {
   const T* src;
   int rows, cols;
   int64_t rs, cs;
+  int mr;
   T* dst;
 
-  void run(int MR, int part, int parts) const {
-    for (int n0 = part * MR; n0 < rows; n0 += parts * MR) {
-      const int mr = std::min(MR, rows - n0);
+  void run(int part, int parts) const {
+    for (int n0 = part * mr; n0 < rows; n0 += parts * mr) {
+      const int h = std::min(mr, rows - n0);
       T* panel = dst + (int64_t)n0 * cols;
       if (rs == 1) {  // W^T: the panel's rows are contiguous in each row of W
-        for (int c = 0; c < cols; ++c) std::memcpy(panel + c * mr, src + n0 + c * cs, sizeof(T) * mr);
+        for (int c = 0; c < cols; ++c) std::memcpy(panel + c * h, src + n0 + c * cs, sizeof(T) * h);
       } else {
-        for (int r = 0; r < mr; ++r) {
+        for (int r = 0; r < h; ++r) {
           const T* row = src + (n0 + r) * rs;
-          for (int c = 0; c < cols; ++c) panel[c * mr + r] = row[c * cs];
+          for (int c = 0; c < cols; ++c) panel[c * h + r] = row[c * cs];
         }
       }
     }
@@ -291,8 +297,6 @@ FL_FORCEINLINE float erf_t(float x) { return simd::erf_f32(x); }
 FL_FORCEINLINE double erf_t(double x) { return std::erf(x); }
 FL_FORCEINLINE float log1p_t(float x) { return simd::log1p_f32(x); }
 FL_FORCEINLINE double log1p_t(double x) { return std::log1p(x); }
-FL_FORCEINLINE double expm1_t(double x) { return std::expm1(x); }
-FL_FORCEINLINE float expm1_t(float x) { return simd::exp_f32(x) - 1.0f; }  // unused: elu reuses its exp
 
 // c ? x : y. For float as bit masks: with a plain select GCC threads the comparison through the exp and log1p
 // of softplus (their input is clamped on the same condition) and no longer vectorises the loop.
@@ -331,7 +335,12 @@ FL_FORCEINLINE void activation(T a, T param, T& h, T& d) {
     // Both sides computed, then selected: a branch-free body the compiler vectorises.
     const T neg = a > T(0) ? T(0) : a;  // keeps exp in range where its result is not used
     const T en = exp_t(neg);
-    const T hn = (std::is_same<T, float>::value ? en - T(1) : expm1_t(neg)) * param, dn = param * en;
+    T em1;  // e^a - 1: float32 reuses its exp (within the float32 tolerance), float64 takes expm1 for accuracy
+    if constexpr (std::is_same<T, float>::value)
+      em1 = en - T(1);
+    else
+      em1 = std::expm1(neg);
+    const T hn = em1 * param, dn = param * en;
     h = a > T(0) ? a : hn;
     d = a > T(0) ? T(1) : dn;
   } else if constexpr (ACT == kActSoftplus) {
@@ -355,12 +364,12 @@ struct Net {
   std::vector<Packed<T>> backward;  // layers 0..L-2: W_l^T in panels (dims[l] x dims[l+1])
   std::vector<const T*> bias;       // layers 0..L-1 (zeros when the network has none)
   std::vector<PackJob<T>> packing;  // what fills forward and backward (run by the threads of the chain)
-  int MR = 1;
   const T* w_last = nullptr;        // the output layer's weight row (dims[L-1],)
   T b_last = 0, sign = 1, param = 0;
   Buffer<T> storage;
 };
 
+// The chain's settings, in the compute type T, and its inputs and outputs.
 template <typename T>
 struct Problem {
   const T* z_in;
@@ -383,9 +392,10 @@ struct Problem {
 template <typename T>
 struct Work {
   Buffer<T> storage;
-  T *z, *g, *zp, *gp, *noise, *noise_rows, *delta_last;
+  T *z, *g, *zp, *gp, *noise, *delta_last;  // D x TB (delta_last: dims[L-1] x TB); zp, gp: MALA's proposal
+  T* noise_rows;            // the tile's noise in stream order: nb * D values from an offset < 4, whole blocks
   std::vector<T*> h, dact;  // indexed by layer l = 1..L-2 (h[l]: input of layer l, later delta_l)
-  // per-sample lanes
+  static constexpr int kLaneArrays = 10;  // per-sample arrays of TB values:
   T *e, *norm, *ep, *normp, *sum, *scale, *up, *upp, *fwd, *bwd;
   int32_t* take;
   Buffer<int32_t> take_storage;
@@ -393,7 +403,7 @@ struct Work {
   Work(const Net<T>& net, int TB, bool mala) {
     const int L = net.n_layers, D = net.dims[0];
     const size_t rows_d = whole_lines<T>((size_t)D * TB), lane = whole_lines<T>(TB);
-    size_t total = rows_d * (mala ? 5 : 3) + whole_lines<T>((size_t)D * TB + 8) + lane * 10;
+    size_t total = rows_d * (mala ? 5 : 3) + whole_lines<T>((size_t)D * TB + 8) + lane * kLaneArrays;
     total += whole_lines<T>((size_t)net.dims[L - 1] * TB);
     for (int l = 1; l <= L - 2; ++l) total += 2 * whole_lines<T>((size_t)net.dims[l] * TB);
     storage = Buffer<T>(total);
@@ -442,12 +452,24 @@ template <typename T, int NV, int ACT>
 struct Tile {
   static constexpr int TB = NV * Vec<T>::kLanes;
 
-  // E (lanes), the clipped gradient g (D x TB) and the unclipped norms at z (D x TB).
-  static void evaluate(const Net<T>& net, const Problem<T>& pb, Work<T>& w, const T* z, T* g, T* E, T* norm) {
+  // At z (D x TB): the energies E and unclipped gradient norms (one per lane) and the clipped gradient g (D x TB).
+  // on_rows(d0, d1) runs on each finished block of gradient rows [d0, d1) while it is in L1 (after its squares went
+  // into the norms; before clipping, so only where there is none): ULA's update is fused there.
+  template <typename OnRows>
+  static void evaluate(const Net<T>& net, const Problem<T>& pb, Work<T>& w, const T* z, T* g, T* E, T* norm,
+                       OnRows&& on_rows) {
     const int L = net.n_layers, D = pb.D;
     const T param = net.param, sign = net.sign;
     T* __restrict e_acc = w.sum;
-    for (int b = 0; b < TB; ++b) e_acc[b] = T(0);
+    T* __restrict ss = w.scale;  // squared norms
+    for (int b = 0; b < TB; ++b) e_acc[b] = ss[b] = T(0);
+    auto gradient_rows = [&](int d0, int d1) {
+      for (int d = d0; d < d1; ++d) {
+        const T* __restrict gr = g + (int64_t)d * TB;
+        for (int b = 0; b < TB; ++b) ss[b] += gr[b] * gr[b];
+      }
+      on_rows(d0, d1);
+    };
     if (L == 1) {  // E = sign * (w . z + b): a constant gradient
       for (int d = 0; d < D; ++d) {
         const T wd = net.w_last[d], gd = sign * wd;
@@ -458,6 +480,7 @@ struct Tile {
           gr[b] = gd;
         }
       }
+      gradient_rows(0, D);
     } else {
       const T* x = z;
       for (int l = 0; l + 1 < L; ++l) {
@@ -506,18 +529,12 @@ struct Tile {
         });
         delta = out;
       }
-      product<T, NV>(net.backward[0], delta, g, [](int, int) {});
+      product<T, NV>(net.backward[0], delta, g, [&](int n0, int h) { gradient_rows(n0, n0 + h); });
     }
     const T b_last = net.b_last;
     for (int b = 0; b < TB; ++b) E[b] = sign * (e_acc[b] + b_last);
 
     // ||g|| per sample, then clipping: g *= min(1, clip / (||g|| + 1e-12)) (NaN stays NaN, like torch.clamp)
-    T* __restrict ss = w.sum;
-    for (int b = 0; b < TB; ++b) ss[b] = T(0);
-    for (int d = 0; d < D; ++d) {
-      const T* __restrict gr = g + (int64_t)d * TB;
-      for (int b = 0; b < TB; ++b) ss[b] += gr[b] * gr[b];
-    }
     for (int b = 0; b < TB; ++b) norm[b] = std::sqrt(ss[b]);
     if (pb.clip > T(0)) {
       T* __restrict s = w.scale;
@@ -548,11 +565,11 @@ struct Tile {
     for (int d = 0; d < D; ++d) gather_lanes<T, TB>(src + d, D, nb, w.noise + (int64_t)d * TB);
   }
 
-  // out = z - (eps/2)(g + prior_term(z)) [+ sigma * noise], as langevin_step_reference rounds it.
+  // out = z - (eps/2)(g + prior_term(z)) [+ sigma * noise] on rows [d0, d1), as langevin_step_reference rounds it.
   template <int kPrior, bool kNoise>
-  static void update(const Problem<T>& pb, const T* z, const T* g, const T* noise, T* out) {
+  static void update(const Problem<T>& pb, const T* z, const T* g, const T* noise, T* out, int d0, int d1) {
     const T half = pb.half_step, sigma = pb.sigma;
-    for (int d = 0; d < pb.D; ++d) {
+    for (int d = d0; d < d1; ++d) {
       const T m = kPrior == kPriorDiagonal ? pb.mean[d] : T(0);
       const T iv = kPrior == kPriorDiagonal ? pb.inv_var[d] : T(0);
       const T* zr = z + (int64_t)d * TB;
@@ -567,14 +584,14 @@ struct Tile {
     }
   }
 
-  static void step(const Problem<T>& pb, const T* z, const T* g, const T* noise, T* out) {
+  static void step(const Problem<T>& pb, const T* z, const T* g, const T* noise, T* out, int d0, int d1) {
     switch (pb.prior_kind * 2 + (pb.noise ? 1 : 0)) {
-      case kPriorFlat * 2: update<kPriorFlat, false>(pb, z, g, noise, out); break;
-      case kPriorFlat * 2 + 1: update<kPriorFlat, true>(pb, z, g, noise, out); break;
-      case kPriorNormal * 2: update<kPriorNormal, false>(pb, z, g, noise, out); break;
-      case kPriorNormal * 2 + 1: update<kPriorNormal, true>(pb, z, g, noise, out); break;
-      case kPriorDiagonal * 2: update<kPriorDiagonal, false>(pb, z, g, noise, out); break;
-      default: update<kPriorDiagonal, true>(pb, z, g, noise, out); break;
+      case kPriorFlat * 2: update<kPriorFlat, false>(pb, z, g, noise, out, d0, d1); break;
+      case kPriorFlat * 2 + 1: update<kPriorFlat, true>(pb, z, g, noise, out, d0, d1); break;
+      case kPriorNormal * 2: update<kPriorNormal, false>(pb, z, g, noise, out, d0, d1); break;
+      case kPriorNormal * 2 + 1: update<kPriorNormal, true>(pb, z, g, noise, out, d0, d1); break;
+      case kPriorDiagonal * 2: update<kPriorDiagonal, false>(pb, z, g, noise, out, d0, d1); break;
+      default: update<kPriorDiagonal, true>(pb, z, g, noise, out, d0, d1); break;
     }
   }
 
@@ -631,8 +648,8 @@ struct Tile {
   static void mala_step(const Net<T>& net, const Problem<T>& pb, Work<T>& w, int64_t k, int64_t s0, int nb) {
     const uint64_t counter = pb.counter + (uint64_t)k;
     if (pb.noise) draw_noise(pb, w, s0, nb, counter);
-    step(pb, w.z, w.g, w.noise, w.zp);
-    evaluate(net, pb, w, w.zp, w.gp, w.ep, w.normp);
+    step(pb, w.z, w.g, w.noise, w.zp, 0, pb.D);
+    evaluate(net, pb, w, w.zp, w.gp, w.ep, w.normp, [](int, int) {});
     switch (pb.prior_kind) {
       case kPriorFlat: mala_sums<kPriorFlat>(pb, w); break;
       case kPriorNormal: mala_sums<kPriorNormal>(pb, w); break;
@@ -676,13 +693,18 @@ struct Tile {
     }
     if (pb.method == kMethodUla) {
       for (int64_t k = 0; k < pb.n_steps; ++k) {
-        evaluate(net, pb, w, w.z, w.g, w.e, w.norm);
-        record(pb, k, s0, nb, w.e, w.norm);
         if (pb.noise) draw_noise(pb, w, s0, nb, pb.counter + (uint64_t)k);
-        step(pb, w.z, w.g, w.noise, w.z);
+        if (pb.clip > T(0)) {  // the update needs the whole gradient's norm first
+          evaluate(net, pb, w, w.z, w.g, w.e, w.norm, [](int, int) {});
+          step(pb, w.z, w.g, w.noise, w.z, 0, D);
+        } else {  // z is not read after the first layer: update it as the gradient rows come out of the kernel
+          evaluate(net, pb, w, w.z, w.g, w.e, w.norm,
+                   [&](int d0, int d1) { step(pb, w.z, w.g, w.noise, w.z, d0, d1); });
+        }
+        record(pb, k, s0, nb, w.e, w.norm);
       }
     } else {
-      evaluate(net, pb, w, w.z, w.g, w.e, w.norm);
+      evaluate(net, pb, w, w.z, w.g, w.e, w.norm, [](int, int) {});
       for (int64_t k = 0; k < pb.n_steps; ++k) {
         record(pb, k, s0, nb, w.e, w.norm);
         mala_step(net, pb, w, k, s0, nb);
@@ -717,7 +739,7 @@ void run_tiles(const Net<T>& net, const Problem<T>& pb, int n_threads) {
   };
   // Each thread packs its share of the weight panels and waits for the others before running tiles.
   if (nt == 1) {
-    for (const PackJob<T>& job : net.packing) job.run(net.MR, 0, 1);
+    for (const PackJob<T>& job : net.packing) job.run(0, 1);
     tiles(0);
     return;
   }
@@ -725,12 +747,12 @@ void run_tiles(const Net<T>& net, const Problem<T>& pb, int n_threads) {
 #pragma omp parallel num_threads(nt)
   {
     const int id = omp_get_thread_num(), count = omp_get_num_threads();
-    for (const PackJob<T>& job : net.packing) job.run(net.MR, id, count);
+    for (const PackJob<T>& job : net.packing) job.run(id, count);
 #pragma omp barrier
     tiles(id);
   }
 #else
-  for (const PackJob<T>& job : net.packing) job.run(net.MR, 0, 1);
+  for (const PackJob<T>& job : net.packing) job.run(0, 1);
   std::vector<std::thread> pool;
   pool.reserve(nt - 1);
   for (int id = 1; id < nt; ++id) pool.emplace_back([&, id] { tiles(id); });
@@ -772,7 +794,6 @@ void chain_typed(const MLPChainArgs& a) {
 
   Net<T> net;
   net.n_layers = L;
-  net.MR = MR;
   net.dims.assign(a.dims.begin(), a.dims.end());
   net.sign = (T)a.output_sign;
   net.param = (T)a.activation_param;
@@ -784,11 +805,12 @@ void chain_typed(const MLPChainArgs& a) {
   for (int l = 0; l + 1 < L; ++l) {
     const T* W = static_cast<const T*>(a.weights[l]);
     const int n_out = (int)a.dims[l + 1], n_in = (int)a.dims[l];
-    net.packing.push_back({W, n_out, n_in, n_in, 1, p});
-    net.forward.push_back({p, n_out, n_in});
+    const int mr_out = panel_rows(n_out, MR), mr_in = panel_rows(n_in, MR);
+    net.packing.push_back({W, n_out, n_in, n_in, 1, mr_out, p});
+    net.forward.push_back({p, n_out, n_in, mr_out});
     p += whole_lines<T>((size_t)n_out * n_in);
-    net.packing.push_back({W, n_in, n_out, 1, n_in, p});
-    net.backward.push_back({p, n_in, n_out});
+    net.packing.push_back({W, n_in, n_out, 1, n_in, mr_in, p});
+    net.backward.push_back({p, n_in, n_out, mr_in});
     p += whole_lines<T>((size_t)n_out * n_in);
   }
   for (int l = 0; l < L; ++l) {
