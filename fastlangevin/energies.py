@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from fastlangevin.ops.mlp_chain import ACTIVATIONS
+
 
 class GaussianMixtureEnergy(nn.Module):
     """E(z) = −log Σ_k w_k N(z; μ_k, std²·I), up to a constant. means: (K, D); weights: (K,) or None (uniform)."""
@@ -40,17 +42,6 @@ def ring_means(n: int = 8, radius: float = 2.0) -> torch.Tensor:
     return radius * torch.stack([torch.cos(angles), torch.sin(angles)], 1)
 
 
-# Activation codes shared with the fused-chain kernels (C++ and Triton): (code, takes a parameter).
-ACTIVATIONS = {
-    "relu": 0,
-    "leaky_relu": 1,  # param: negative slope
-    "silu": 2,  # = swish
-    "gelu": 3,  # exact (erf), nn.GELU() default
-    "gelu_tanh": 4,  # nn.GELU(approximate="tanh")
-    "elu": 5,  # param: alpha
-    "softplus": 6,  # beta = 1, threshold = 20, as nn.Softplus()
-    "tanh": 7,
-}
 _ALIASES = {"swish": "silu", "lrelu": "leaky_relu"}
 _DEFAULT_PARAM = {"leaky_relu": 0.2, "elu": 1.0}
 

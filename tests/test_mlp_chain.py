@@ -6,7 +6,7 @@ from torch import nn
 
 import fastlangevin as fl
 from fastlangevin import _ext
-from fastlangevin.energies import ACTIVATIONS
+from fastlangevin.ops.mlp_chain import ACTIVATIONS
 from fastlangevin.ops.langevin_step import make_rng_state
 from fastlangevin.ops.mlp_chain import run_mlp_chain
 from tests.lanes import HAS_CUDA, require

@@ -29,6 +29,17 @@ from fastlangevin import _ext
 from fastlangevin.ops.langevin_step import DTYPE_CODES, _ptr
 from fastlangevin.ops.philox import compute_dtype
 
+# Activation codes of the fused-chain kernels (C++ and Triton); derivatives follow torch's backward formulas.
+ACTIVATIONS = {
+    "relu": 0,
+    "leaky_relu": 1,  # param: negative slope
+    "silu": 2,  # = swish
+    "gelu": 3,  # exact (erf), nn.GELU() default
+    "gelu_tanh": 4,  # nn.GELU(approximate="tanh")
+    "elu": 5,  # param: alpha
+    "softplus": 6,  # beta = 1, threshold = 20, as nn.Softplus()
+    "tanh": 7,
+}
 ULA, MALA = 0, 1
 METHODS = {"ula": ULA, "mala": MALA}
 FUSED_DTYPES = (torch.float32, torch.float64)
@@ -120,7 +131,6 @@ def run_mlp_chain(backend: str, energy, z0: torch.Tensor, n_steps: int, step_siz
         weights.append(w.to(device=z0.device, dtype=ctype).contiguous())
         if b is not None:
             biases.append(b.to(device=z0.device, dtype=ctype).contiguous())
-    from fastlangevin.energies import ACTIVATIONS
     kind, mean, inv_var = prior_args
     z, energies, grad_norms, accepted = FUSED_CHAINS[backend](
         z0.detach().reshape(z0.shape[0], -1).contiguous(), weights, biases, ACTIVATIONS[energy.activation],

@@ -140,6 +140,22 @@ def _check_rng_state(rng_state: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"rng_state must be on {device} (the kernel reads it there), got {rng_state.device}")
 
 
+def check_prior_args(prior_kind: int, prior_mean, prior_inv_var, n_features: int, ctype: torch.dtype,
+                     device: torch.device) -> None:
+    """The prior arguments of the Triton launchers: a known kind; for the diagonal prior, contiguous 1-D
+    mean and inverse variance of length ``n_features`` in the compute dtype on ``device``."""
+    if prior_kind == PRIOR_DIAGONAL:
+        for name, t in (("prior_mean", prior_mean), ("prior_inv_var", prior_inv_var)):
+            if t is None or t.dim() != 1 or t.numel() != n_features or t.dtype != ctype or t.device != device \
+                    or not t.is_contiguous():
+                got = "None" if t is None else f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
+                raise ValueError(f"{name} must be a contiguous 1-D tensor of length {n_features} (= z[0].numel()), "
+                                 f"{ctype}, on {device} for the diagonal prior; got {got}")
+    elif prior_kind not in (PRIOR_FLAT, PRIOR_NORMAL):
+        raise ValueError(f"prior_kind must be {PRIOR_FLAT} (flat), {PRIOR_NORMAL} (normal) or {PRIOR_DIAGONAL} "
+                         f"(diagonal), got {prior_kind}")
+
+
 def langevin_step_triton(z: torch.Tensor, grad: torch.Tensor, out: torch.Tensor, rng_state: torch.Tensor,
                          step_size: float, noise_scale: float, prior_kind: int,
                          prior_mean: torch.Tensor | None, prior_inv_var: torch.Tensor | None,
@@ -163,16 +179,7 @@ def langevin_step_triton(z: torch.Tensor, grad: torch.Tensor, out: torch.Tensor,
         raise ValueError(f"z must be float16, bfloat16, float32 or float64, got {z.dtype}")
     ctype = compute_dtype(z.dtype)
     n_features = z[0].numel() if z.dim() > 0 else 1
-    if prior_kind == PRIOR_DIAGONAL:
-        for name, t in (("prior_mean", prior_mean), ("prior_inv_var", prior_inv_var)):
-            if t is None or t.dim() != 1 or t.numel() != n_features or t.dtype != ctype or t.device != z.device \
-                    or not t.is_contiguous():
-                got = "None" if t is None else f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
-                raise ValueError(f"{name} must be a contiguous 1-D tensor of length {n_features} (= z[0].numel()), "
-                                 f"{ctype}, on {z.device} for the diagonal prior; got {got}")
-    elif prior_kind not in (PRIOR_FLAT, PRIOR_NORMAL):
-        raise ValueError(f"prior_kind must be {PRIOR_FLAT} (flat), {PRIOR_NORMAL} (normal) or {PRIOR_DIAGONAL} "
-                         f"(diagonal), got {prior_kind}")
+    check_prior_args(prior_kind, prior_mean, prior_inv_var, n_features, ctype, z.device)
     noise = noise_scale != 0.0
     if noise:
         _check_rng_state(rng_state, z.device)

@@ -37,9 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlangevin.energies import ACTIVATIONS
-from fastlangevin.ops.langevin_step_reference import PRIOR_DIAGONAL, PRIOR_FLAT, PRIOR_NORMAL
-from fastlangevin.ops.triton.langevin_step import _check_rng_state
+from fastlangevin.ops.langevin_step_reference import PRIOR_DIAGONAL
+from fastlangevin.ops.mlp_chain import ACTIVATIONS
+from fastlangevin.ops.triton.langevin_step import _check_rng_state, check_prior_args
 from fastlangevin.ops.triton.philox import _box_muller, philox_block, split_u64
 from fastlangevin.ops.triton.utils import scalar_as
 
@@ -447,7 +447,7 @@ def mlp_chain_triton(z: torch.Tensor, weights: Sequence[torch.Tensor], biases: O
     """Run the whole chain in one launch; ``z`` (B, D) float32/float64, contiguous, is updated in place.
 
     weights: L (1 ≤ L ≤ ``MAX_LAYERS``) tensors (d_{l+1}, d_l) with d_0 = D, d_L = 1, in z's dtype and device;
-    biases: None or L tensors (d_{l+1},). activation: a code of ``energies.ACTIVATIONS`` with ``activation_param``;
+    biases: None or L tensors (d_{l+1},). activation: a code of ``ops.mlp_chain.ACTIVATIONS`` with ``activation_param``;
     output_sign ±1. ``prior_kind`` 0 flat, 1 N(0, I), 2 diagonal (``prior_mean``, ``prior_inv_var``: 1-D length D in
     z's dtype). rng_state: int64 ``[seed, counter]`` on z's device, read by the kernel (step k uses counter + k), not
     advanced. clip_grad: 0 = off. method: 0 ULA, 1 MALA. Outputs (K, B) in z's dtype, filled for every step:
@@ -475,22 +475,13 @@ def mlp_chain_triton(z: torch.Tensor, weights: Sequence[torch.Tensor], biases: O
                 raise ValueError(f"biases[{layer}] must be ({dims[layer + 1]},) {z.dtype} on {z.device}, got "
                                  f"shape {tuple(b.shape)}, {b.dtype}, {b.device}")
     if activation not in ACTIVATIONS.values():
-        raise ValueError(f"activation must be a code of fastlangevin.energies.ACTIVATIONS {ACTIVATIONS}, got "
+        raise ValueError(f"activation must be a code of fastlangevin.ops.mlp_chain.ACTIVATIONS {ACTIVATIONS}, got "
                          f"{activation}")
     if output_sign not in (1.0, -1.0):
         raise ValueError(f"output_sign must be 1 or -1, got {output_sign}")
     if method not in (ULA, MALA):
         raise ValueError(f"method must be {ULA} (ULA) or {MALA} (MALA), got {method}")
-    if prior_kind == PRIOR_DIAGONAL:
-        for name, t in (("prior_mean", prior_mean), ("prior_inv_var", prior_inv_var)):
-            if t is None or t.shape != (n_features,) or t.dtype != z.dtype or t.device != z.device \
-                    or not t.is_contiguous():
-                got = "None" if t is None else f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
-                raise ValueError(f"{name} must be a contiguous 1-D tensor of length {n_features}, {z.dtype}, on "
-                                 f"{z.device} for the diagonal prior; got {got}")
-    elif prior_kind not in (PRIOR_FLAT, PRIOR_NORMAL):
-        raise ValueError(f"prior_kind must be {PRIOR_FLAT} (flat), {PRIOR_NORMAL} (normal) or {PRIOR_DIAGONAL} "
-                         f"(diagonal), got {prior_kind}")
+    check_prior_args(prior_kind, prior_mean, prior_inv_var, n_features, z.dtype, z.device)
     _check_rng_state(rng_state, z.device)
     out_shape = (n_steps, batch)
     _check_output("energies", energies, out_shape, z.dtype, z.device)
