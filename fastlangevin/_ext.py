@@ -42,14 +42,6 @@ def load_cpu() -> ModuleType | None:
     return _load("_C")[0]
 
 
-def load_cuda() -> ModuleType | None:
-    """The CUDA extension module, or None when it is unavailable (see ``cuda_reason()``).
-
-    Importing it needs no GPU (the CUDA runtime is linked in statically); launching needs one and a driver.
-    """
-    return _load("_C_cuda")[0]
-
-
 def cpu_reason() -> str | None:
     """None when the CPU extension loads, else why not."""
     return _load("_C")[1]

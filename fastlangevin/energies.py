@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -36,10 +35,6 @@ def grid_means(n_per_side: int = 5, spacing: float = 1.0) -> torch.Tensor:
     axis = (torch.arange(n_per_side, dtype=torch.float32) - (n_per_side - 1) / 2) * spacing
     return torch.cartesian_prod(axis, axis)
 
-
-def ring_means(n: int = 8, radius: float = 2.0) -> torch.Tensor:
-    angles = torch.arange(n, dtype=torch.float32) * (2 * math.pi / n)
-    return radius * torch.stack([torch.cos(angles), torch.sin(angles)], 1)
 
 
 _ALIASES = {"swish": "silu", "lrelu": "leaky_relu"}

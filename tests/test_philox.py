@@ -72,3 +72,23 @@ def test_noise_float64_and_float32_agree_to_float32_rounding():
     x64 = normal_noise(10_000, state, torch.float64)
     x32 = normal_noise(10_000, state, torch.float32)
     assert torch.allclose(x32.double(), x64, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_raw_stream_of_each_backend_matches_the_reference(backend, dtype):
+    """The kernels' own noise generators, into a NaN-poisoned buffer, against the reference stream."""
+    from tests.lanes import require
+    require(backend, "cpu")
+    state = torch.tensor([2**40 + 5, 2**33 + 1])
+    n = 4099
+    out = torch.full((n,), float("nan"), dtype=dtype)
+    if backend == "cpu":
+        from fastlangevin import _ext
+        from fastlangevin.ops.langevin_step import DTYPE_CODES
+        _ext.require_cpu().normal_noise(out.data_ptr(), n, state.data_ptr(), DTYPE_CODES[dtype], 2)
+    else:
+        from fastlangevin.ops.triton.langevin_step import normal_noise_triton
+        normal_noise_triton(out, state)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(out, normal_noise(n, state, dtype), **tol)
