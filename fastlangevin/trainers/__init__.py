@@ -16,6 +16,7 @@ _WHERE = {
     "sample_quality": "quality",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "atomic_write_bytes": "checkpoint",
     "write_json": "checkpoint", "read_json": "checkpoint",
+    "run_chain": "chains", "eager_langevin": "chains", "ChainTimer": "chains", "SAMPLERS": "chains",
 }
 
 __all__ = sorted(_WHERE)

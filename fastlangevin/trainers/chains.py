@@ -1,0 +1,68 @@
+"""The trainers' one door to Langevin sampling: ``run_chain`` runs a chain with the library (``fl.langevin``) or with
+the loop people write by hand (``sampler="eager"``), so a trainer can measure what the library saves it.
+
+Both run the same ULA update, z ← z − ε/2·∇(E(z) − log p₀(z)) + √ε·ξ, with the per-sample gradient (the gradient of
+the batch sum), and leave the energy's parameters' ``.grad`` untouched. They differ in the noise: the library draws its
+counter-based Philox stream from ``seed``, the eager loop ``torch.randn`` from a generator seeded with ``seed``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+import fastlangevin as fl
+
+SAMPLERS = ("library", "eager")
+SEED_RANGE = 2 ** 63  # fl.langevin takes seeds in [0, 2**63); any int is folded into it
+
+
+def eager_langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n_steps: int, step_size: float,
+                   prior="normal", seed: int = 0) -> torch.Tensor:
+    """The hand-written loop (as in the papers' code): ``prior`` is ``"normal"`` (N(0, I)), ``None`` (flat) or a
+    callable z ↦ log p₀(z) of shape (B,). Returns z_K detached, (B, *latent_shape)."""
+    generator = torch.Generator(z0.device).manual_seed(seed)
+    noise = math.sqrt(step_size)
+    z = z0.detach().clone()
+    with torch.enable_grad():
+        for _ in range(n_steps):
+            z.requires_grad_(True)
+            target = energy(z)
+            if prior == "normal":
+                target = target + 0.5 * z.flatten(1).pow(2).sum(1)
+            elif prior is not None:
+                target = target - prior(z)
+            grad = torch.autograd.grad(target.sum(), z)[0]
+            z = (z.detach() - 0.5 * step_size * grad
+                 + noise * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype))
+    return z.detach()
+
+
+def run_chain(energy, z0: torch.Tensor, n_steps: int, step_size: float, *, prior="normal", seed: int = 0,
+              sampler: str = "library") -> torch.Tensor:
+    """z_K after ``n_steps`` of ULA from ``z0`` with ``sampler`` ("library": ``fl.langevin``; "eager": the loop)."""
+    if sampler == "library":
+        return fl.langevin(energy, z0, n_steps, step_size, prior=prior, seed=seed % SEED_RANGE)
+    if sampler == "eager":
+        return eager_langevin(energy, z0, n_steps, step_size, prior, seed % SEED_RANGE)
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+
+class ChainTimer:
+    """Wall time spent in chains: ``with timer: z = run_chain(...)``; ``timer.seconds`` accumulates (CUDA work is
+    synchronised at exit, so the time is the chain's, not its launch's)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device, self.seconds, self._start = torch.device(device), 0.0, 0.0
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - self._start
