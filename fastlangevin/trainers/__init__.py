@@ -17,6 +17,7 @@ _WHERE = {
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "atomic_write_bytes": "checkpoint",
     "write_json": "checkpoint", "read_json": "checkpoint",
     "run_chain": "chains", "eager_langevin": "chains", "ChainTimer": "chains", "SAMPLERS": "chains",
+    "train_lebm": "lebm",
 }
 
 __all__ = sorted(_WHERE)

@@ -1,4 +1,4 @@
-"""The trainer subcommands of ``fastlangevin``: ``train-base``, ``tilt``, ``sample``, ``evaluate``.
+"""The trainer subcommands of ``fastlangevin``: ``train-base``, ``tilt``, ``sample``, ``evaluate``, ``train-prior``.
 
 ``add_commands(subparsers)`` registers them on the CLI's subparsers; ``run(args)`` runs the parsed command and
 returns True when it was one of these (False otherwise, so the CLI can go on dispatching its own).
@@ -7,9 +7,15 @@ returns True when it was one of these (False otherwise, so the CLI can go on dis
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 
-COMMANDS = ("train-base", "tilt", "sample", "evaluate")
+COMMANDS = ("train-base", "tilt", "sample", "evaluate", "train-prior")
+# train-prior MODEL -> its trainer in fastlangevin.trainers, called as fn(model, data, out, **the flags given);
+# flags default to None, so each trainer fills in its own model's defaults.
+PRIOR_MODELS = {
+    "lebm": "train_lebm", "lebm-vi": "train_lebm", "joint-mle": "train_lebm",
+}
 
 
 def add_commands(subparsers) -> None:
@@ -66,6 +72,59 @@ def add_commands(subparsers) -> None:
         p.add_argument("--which", choices=("best", "last"), default="best", help="ebm_best or the last EBM")
         p.add_argument("--device", default="cpu")
 
+    _add_train_prior(subparsers)
+
+
+def _add_train_prior(subparsers) -> None:
+    """``train-prior MODEL``: a generator learned with a latent EBM prior. Defaults (None here) are the trainer's."""
+    p = subparsers.add_parser("train-prior", help="learn a generator with a latent-space EBM prior by maximum "
+                                                  "likelihood (posterior and prior Langevin chains)")
+    p.add_argument("model", choices=tuple(PRIOR_MODELS))
+    p.add_argument("--data", required=True, help="digits, mnist, fashion-mnist, cifar10")
+    p.add_argument("--data-dir", default=None, help="folder of the mnist / fashion-mnist / cifar10 files")
+    p.add_argument("--out", required=True, help="the run directory (created)")
+    p.add_argument("--classes", type=int, nargs="+", default=None, help="keep only these labels (e.g. 0 1)")
+    p.add_argument("--n-train", type=int, default=None, help="keep only the first N training images")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="training batches (default 2000)")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=None, help="default 100 (the papers')")
+    p.add_argument("--lr-e", type=float, default=None, help="Adam lr of the energies")
+    p.add_argument("--lr-g", type=float, default=None, help="Adam lr of the generator (and encoder)")
+    p.add_argument("--betas", type=float, nargs=2, default=None, metavar=("BETA1", "BETA2"),
+                   help="Adam betas (default: lebm 0.5 0.999, joint-mle 0.9 0.999)")
+    p.add_argument("--latent-dim", type=int, default=None, help="z size (z1 for joint-mle)")
+    p.add_argument("--latent-dim2", type=int, default=None, help="z2 size (joint-mle)")
+    p.add_argument("--energy-width", type=int, default=None, help="hidden width of the energy MLP(s)")
+    p.add_argument("--generator-width", type=int, default=None, help="hidden width of the generator MLPs")
+    p.add_argument("--llhd-sigma", type=float, default=None, help="std of the Gaussian p(x|z) on [0, 1] pixels")
+    p.add_argument("--prior-steps", type=int, default=None, help="prior chain length (default 60)")
+    p.add_argument("--prior-step-size", type=float, default=None, help="prior chain step h = s^2 (default 0.16)")
+    p.add_argument("--posterior-steps", type=int, default=None, help="posterior chain (default 20; joint-mle 40)")
+    p.add_argument("--posterior-step-size", type=float, default=None, help="posterior chain h (default 0.01)")
+    p.add_argument("--sampler", choices=("library", "eager"), default=None,
+                   help="chains by fl.langevin (default) or the hand-written loop, for cost comparisons")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between sample-quality evaluations")
+    p.add_argument("--n-eval", type=int, default=None, help="samples per evaluation")
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--latent-plot", action="store_true", default=None,
+                   help="write latents.png: prior and posterior latents before and after their chains")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true", default=None, help="continue from RUN_DIR's checkpoint")
+    p.add_argument("--device", default=None)
+
+
+def _run_train_prior(args: argparse.Namespace) -> dict:
+    from fastlangevin import trainers
+    train = getattr(trainers, PRIOR_MODELS[args.model])
+    skip = {"command", "model", "data", "out"}
+    options = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    accepted = inspect.signature(train).parameters
+    for name in options:
+        if name not in accepted:
+            raise SystemExit(f"train-prior {args.model}: --{name.replace('_', '-')} does not apply to this model")
+    return train(args.model, args.data, args.out, **options)
+
 
 def run(args: argparse.Namespace) -> bool:
     if args.command not in COMMANDS:
@@ -87,6 +146,9 @@ def run(args: argparse.Namespace) -> bool:
                                       stop_on=args.stop_on, seed=args.seed, resume=args.resume, device=args.device)
         best = metrics["best"]
         print(f"best validation {best['metric']} {best['value']:.5g} at step {best['step']}")
+    elif args.command == "train-prior":
+        metrics = _run_train_prior(args)
+        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
     elif args.command == "sample":
         path = trainers.sample_run(args.run_dir, n=args.n, seed=args.seed, n_steps=args.n_steps, which=args.which,
                                    device=args.device)
