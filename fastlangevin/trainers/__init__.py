@@ -18,6 +18,7 @@ _WHERE = {
     "write_json": "checkpoint", "read_json": "checkpoint",
     "run_chain": "chains", "eager_langevin": "chains", "ChainTimer": "chains", "SAMPLERS": "chains",
     "train_lebm": "lebm",
+    "train_hierarchical": "hierarchical",
 }
 
 __all__ = sorted(_WHERE)

@@ -15,6 +15,7 @@ COMMANDS = ("train-base", "tilt", "sample", "evaluate", "train-prior")
 # flags default to None, so each trainer fills in its own model's defaults.
 PRIOR_MODELS = {
     "lebm": "train_lebm", "lebm-vi": "train_lebm", "joint-mle": "train_lebm",
+    "gaussian": "train_hierarchical", "joint": "train_hierarchical",  # hierarchical VAE (+ joint EBM)
 }
 
 
@@ -112,6 +113,19 @@ def _add_train_prior(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", default=None, help="continue from RUN_DIR's checkpoint")
     p.add_argument("--device", default=None)
+    h = p.add_argument_group("gaussian / joint (hierarchical VAE; docs: fastlangevin/trainers/hierarchical.py)")
+    h.add_argument("--init-from", default=None, help="joint: start from this gaussian run's VAE")
+    h.add_argument("--scheme", choices=("two-stage", "joint"), default=None, help="joint: frozen VAE (default) "
+                   "or the ELBO with the EBM prior training everything")
+    h.add_argument("--variant", choices=("paper", "code"), default=None,
+                   help="epsilon-space target: exp f(T(eps)) N(eps) (default) or the reference code's p_beta(T(eps))")
+    h.add_argument("--vae-steps", type=int, default=None, help="joint without --init-from: VAE steps (1500)")
+    h.add_argument("--kl-warmup", type=float, default=None, help="share of the VAE steps warming up the KL (0.3)")
+    h.add_argument("--channels", type=int, default=None, help="cell width (16)")
+    h.add_argument("--param-factor", type=float, default=None, help="width for this multiple of the parameters")
+    h.add_argument("--latent-channels", type=int, nargs="+", default=None, help="channels per group (8 4 2)")
+    h.add_argument("--energy-layers", type=int, default=None, help="hidden layers of each f_i (2)")
+    h.add_argument("--sample-steps", type=int, default=None, help="chain steps for evaluation and figures")
 
 
 def _run_train_prior(args: argparse.Namespace) -> dict:
