@@ -132,9 +132,10 @@ def _evaluate(net, chains, s, step, test_set, z0, z_base, x_test, bandwidths) ->
     z_ebm = _prior_chain(net, chains, s, step, z0, index=2)
     z_post = _posterior(net, chains, s, step, x_test, z0[: len(x_test)], index=3)
     with torch.no_grad():
-        ebm = sample_quality(net.generate(z_ebm), test_set, bandwidths)
-        base = sample_quality(net.generate(z_base), test_set, ebm["mmd_bandwidths"])
+        x_ebm, x_base = net.generate(z_ebm), net.generate(z_base)
         reconstruction = net.squared_error(x_test, z_post).mean().item()
+    ebm = sample_quality(x_ebm, test_set, bandwidths)
+    base = sample_quality(x_base, test_set, ebm["mmd_bandwidths"])
     return {"ebm_prior": ebm, "gaussian_prior": base, "test_reconstruction_sse": reconstruction}
 
 
@@ -155,7 +156,6 @@ def train_lebm(model: str, data: str, out: str | os.PathLike, *, steps: int | No
     ``latent_plot``: write latents.png, prior and posterior latents before and after their chains (2-D latents
     show exactly; larger ones their first two coordinates)."""
     device = torch.device(device or "cpu")
-    os.makedirs(out, exist_ok=True)
     config_path, ckpt_path = os.path.join(out, "config.json"), os.path.join(out, CHECKPOINT)
     given = dict(steps=steps, batch_size=batch_size, lr_e=lr_e, lr_g=lr_g, betas=betas, latent_dim=latent_dim,
                  latent_dim2=latent_dim2, energy_width=energy_width, generator_width=generator_width,
@@ -173,6 +173,7 @@ def train_lebm(model: str, data: str, out: str | os.PathLike, *, steps: int | No
         s = _settings(model, given)
     if model != "joint-mle" and s.get("latent_dim2") is not None:
         raise ValueError(f"latent_dim2 applies to joint-mle only, not {model}")
+    os.makedirs(out, exist_ok=True)
     train_set = make_dataset(data, data_dir, "train", seed=s["seed"], n_samples=n_train, classes=classes)
     test_set = make_dataset(data, data_dir, "test", seed=s["seed"], classes=classes)
     x_train = train_set.tensors()[0]
