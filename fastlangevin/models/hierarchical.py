@@ -67,7 +67,9 @@ class Posterior(NamedTuple):
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(channels, 8), channels)
+    # one group: normalise over channels and space, so the 1×1 top of the hierarchy is normalised over its C values
+    # (GroupNorm with one channel per group would make every 1×1 feature a constant)
+    return nn.GroupNorm(1, channels)
 
 
 class ResidualCell(nn.Module):

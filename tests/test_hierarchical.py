@@ -1,0 +1,263 @@
+"""The hierarchical VAE and its joint EBM prior in ε-space (models/hierarchical.py) and ``train-prior gaussian|joint``
+(trainers/hierarchical.py): T_β inverts to float64 rounding and its log-determinant equals the autograd Jacobian's,
+the ε-space energy and its Langevin drift match plain autograd, the two ε-space targets differ by exactly the
+log-determinant, the KL terms match torch.distributions, with f ≡ 0 the chain keeps N(0, I), re-sampling keeps the
+fixed groups bit for bit, the commands write their run directories and resume, and bad input is named."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+import fastlangevin as fl
+from fastlangevin.models.hierarchical import EpsilonEnergy, Gaussian, HierarchicalVAE, JointEBMPrior, \
+    channels_for_params
+from fastlangevin.trainers import commands, load_checkpoint
+from fastlangevin.trainers.hierarchical import resample_lower, sample_epsilon, train_hierarchical
+
+TINY = dict(data_shape=(1, 8, 8), latent_channels=(2, 2, 1), channels=8, n_cells=1)
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def perturbed(module, scale=0.3, seed=0):
+    """The module in float64 with every parameter moved off its initialisation (so σ_i, μ_i depend on z_<i)."""
+    torch.manual_seed(seed)
+    module = module.double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    vae = perturbed(HierarchicalVAE(**TINY))
+    ebm = perturbed(JointEBMPrior(vae.group_dims, nef=8), seed=1)
+    return vae, ebm
+
+
+def test_group_layout(tiny):
+    vae, _ = tiny
+    assert vae.group_shapes == [(2, 1, 1), (2, 2, 2), (1, 4, 4)] and vae.latent_dim == 2 + 8 + 16
+    eps = torch.randn(3, vae.latent_dim, dtype=torch.float64)
+    assert torch.equal(vae.flatten(vae.split(eps)), eps)
+    assert vae.generate(eps).shape == (3, 1, 8, 8)
+
+
+def test_transform_inverts_and_its_log_det_is_the_jacobian(tiny):
+    vae, _ = tiny
+    eps = torch.randn(4, vae.latent_dim, dtype=torch.float64)
+    z, log_det = vae.transform(eps)
+    back, log_det_inverse = vae.inverse(z)
+    torch.testing.assert_close(vae.flatten(back), eps, **TOL)
+    torch.testing.assert_close(log_det_inverse, log_det, **TOL)
+    for i in range(eps.shape[0]):
+        jac = jacobian(lambda e: vae.flatten(vae.transform(e.unsqueeze(0))[0])[0], eps[i])
+        sign, expected = torch.linalg.slogdet(jac)
+        assert sign > 0
+        torch.testing.assert_close(log_det[i], expected, **TOL)
+        assert torch.allclose(jac, jac.tril())  # z_i depends on ε_≤i only: a triangular Jacobian
+
+
+def test_prior_log_prob_is_the_change_of_variables(tiny):
+    """log p_β(T(ε)) = log N(ε; 0, I) − log|det ∂T/∂ε| (supplement eq. 9), also at a temperature."""
+    vae, _ = tiny
+    eps = torch.randn(5, vae.latent_dim, dtype=torch.float64)
+    for t in (1.0, 0.7):
+        z, log_det = vae.transform(eps, temperature=t)
+        log_normal = torch.distributions.Normal(0.0, 1.0).log_prob(eps).sum(1)
+        torch.testing.assert_close(vae.prior_log_prob(z, temperature=t), log_normal - log_det, **TOL)
+
+
+def test_top_group_matches_the_reference_code(tiny):
+    """σ_0 = (exp(0) + 0.01)·t (reference-code §2b): z_0 = 1.01·t·ε_0 whatever the network."""
+    vae, _ = tiny
+    eps = torch.randn(3, vae.latent_dim, dtype=torch.float64)
+    z, _ = vae.transform(eps, temperature=0.5)
+    torch.testing.assert_close(z[0].flatten(1), 1.01 * 0.5 * eps[:, :2], **TOL)
+
+
+def test_gaussian_clamps():
+    raw = torch.tensor([[[[40.0]], [[-40.0]]]], dtype=torch.float64)
+    g = Gaussian.from_raw(raw, temperature=2.0)
+    torch.testing.assert_close(g.mu, 5 * torch.tanh(torch.tensor(8.0, dtype=torch.float64)).reshape(1, 1, 1, 1))
+    torch.testing.assert_close(g.sigma, 2 * (torch.exp(5 * torch.tanh(torch.tensor(-8.0, dtype=torch.float64)))
+                                             + 0.01).reshape(1, 1, 1, 1))
+
+
+def test_kl_terms_match_torch_distributions(tiny):
+    vae, _ = tiny
+    torch.manual_seed(3)
+    q = Gaussian(torch.randn(4, 2, 2, 2, dtype=torch.float64), torch.rand(4, 2, 2, 2, dtype=torch.float64) + 0.1)
+    p = Gaussian(torch.randn(4, 2, 2, 2, dtype=torch.float64), torch.rand(4, 2, 2, 2, dtype=torch.float64) + 0.1)
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(*q), torch.distributions.Normal(*p))
+    torch.testing.assert_close(q.kl(p), expected.flatten(1).sum(1), **TOL)
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    torch.manual_seed(0)
+    terms = vae.loss_terms(x)
+    torch.manual_seed(0)
+    post = vae.posterior(x)
+    assert len(post.kl) == 3 and all(k.shape == (4,) and (k >= 0).all() for k in post.kl)
+    torch.testing.assert_close(terms["kl_groups"], torch.stack([k.mean() for k in post.kl]), **TOL)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(post.logits, x, reduction="sum") / 4
+    torch.testing.assert_close(terms["loss"], bce + terms["kl"], **TOL)
+
+
+def test_epsilon_energy_and_its_drift_match_plain_autograd(tiny):
+    """E(ε) = −Σ_i f_i(T(ε)_i); one noiseless step of fl.langevin is ε − h/2·∇(E(ε) + ½‖ε‖²)."""
+    vae, ebm = tiny
+    eps = torch.randn(6, vae.latent_dim, dtype=torch.float64, requires_grad=True)
+    energy = EpsilonEnergy(vae, ebm)
+    z, _ = vae.transform(eps)
+    nets = [lambda v, layer=e: layer.layers[-1](torch.nn.functional.leaky_relu(layer.layers[-2](
+        torch.nn.functional.leaky_relu(layer.layers[0](v.flatten(1)), 0.2)), 0.2)).squeeze(1) for e in ebm.energies]
+    expected = -sum(net(zi) for net, zi in zip(nets, z))  # f_i = the raw network output (high = likely)
+    torch.testing.assert_close(energy(eps), expected, **TOL)
+    grad = torch.autograd.grad((expected + 0.5 * eps.pow(2).sum(1)).sum(), eps)[0]
+    h = 0.03
+    stepped = fl.langevin(energy, eps.detach(), 1, h, noise_scale=0.0, prior="normal", seed=0)
+    torch.testing.assert_close(stepped, eps.detach() - 0.5 * h * grad, **TOL)
+
+
+def test_code_variant_differs_by_the_log_det(tiny):
+    """The reference code's target exp f(T(ε))·p_β(T(ε)): its energy (with the sampler's N(0, I)) is
+    −f − log p_β(T(ε)) + log N(ε), i.e. the paper's energy plus log|det ∂T/∂ε|."""
+    vae, ebm = tiny
+    eps = torch.randn(5, vae.latent_dim, dtype=torch.float64)
+    paper, code = EpsilonEnergy(vae, ebm, "paper")(eps), EpsilonEnergy(vae, ebm, "code")(eps)
+    z, log_det = vae.transform(eps)
+    torch.testing.assert_close(code - paper, log_det, **TOL)
+    log_normal = torch.distributions.Normal(0.0, 1.0).log_prob(eps).sum(1)
+    torch.testing.assert_close(code, -ebm(z) - vae.prior_log_prob(z) + log_normal, **TOL)
+
+
+def test_chain_with_zero_ebm_keeps_the_standard_normal():
+    """f ≡ 0: the ε-space chain is ULA on N(0, I), whose stationary variance is 1/(1 − h/4); from ε_0 ~ N(0, I)
+    the moments after 30 steps stay within 5 standard errors of it."""
+    vae = HierarchicalVAE(**TINY).requires_grad_(False)
+    ebm = JointEBMPrior(vae.group_dims, nef=4)
+    with torch.no_grad():
+        for e in ebm.energies:
+            e.layers[-1].weight.zero_()
+            e.layers[-1].bias.zero_()
+    h, n = 0.1, 4000
+    eps0 = torch.randn(n, vae.latent_dim, generator=torch.Generator().manual_seed(0))
+    eps = sample_epsilon(vae, ebm, eps0, 30, h, seed=5).double()
+    variance = 1 / (1 - h / 4)
+    mean_se = math.sqrt(variance / n)
+    assert eps.mean(0).abs().max() < 5 * mean_se  # per coordinate
+    var_se = variance * math.sqrt(2 / n)
+    assert (eps.var(0) - variance).abs().max() < 5 * var_se
+
+
+def test_resampling_keeps_the_fixed_groups_bit_identical(tiny):
+    vae, ebm = tiny
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    top = vae.posterior(x, mean=True).z
+    for model in (None, ebm):
+        for keep in (1, 2):
+            z, images = resample_lower(vae, model, x, keep, 3, 0.05, seed=keep)
+            assert images.shape == (3, 1, 8, 8)
+            for i in range(keep):
+                assert torch.equal(z[i], top[i])
+            assert not torch.equal(z[keep], top[keep])
+    z0, _ = resample_lower(vae, None, x, 0, 3, 0.05)  # keep 0: a plain prior sample
+    assert len(z0) == 3
+
+
+def test_param_factor_configs_hit_their_targets():
+    config = dict(data_shape=(1, 8, 8), latent_channels=(8, 4, 2), channels=16, n_cells=1)
+    base = HierarchicalVAE(**config).param_count()
+    for factor in (2, 4):
+        width = channels_for_params(factor, **config)
+        ratio = HierarchicalVAE(**{**config, "channels": width}).param_count() / base
+        assert abs(ratio / factor - 1) < 0.15, (factor, width, ratio)
+
+
+def test_bad_input_is_named(tiny):
+    vae, ebm = tiny
+    with pytest.raises(ValueError, match="power of two"):
+        HierarchicalVAE(data_shape=(1, 7, 7))
+    with pytest.raises(ValueError, match="latent_channels"):
+        HierarchicalVAE(data_shape=(1, 8, 8), latent_channels=(2, 2, 2, 2, 2))
+    with pytest.raises(ValueError, match=r"\(B, 26\)"):
+        vae.transform(torch.zeros(2, 25, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x must have shape"):
+        vae.posterior(torch.zeros(2, 1, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="variant"):
+        EpsilonEnergy(vae, ebm, "exact")
+    with pytest.raises(ValueError, match="keep"):
+        resample_lower(vae, ebm, torch.rand(1, 1, 8, 8, dtype=torch.float64), 3, 1, 0.1)
+    with pytest.raises(ValueError, match="expected 3 latent groups"):
+        ebm([torch.zeros(1, 2, 1, 1)])
+    with pytest.raises(ValueError, match="joint model only"):
+        train_hierarchical("gaussian", "digits", "unused", prior_steps=3)
+    with pytest.raises(ValueError, match="scheme"):
+        train_hierarchical("joint", "digits", "unused", scheme="both")
+
+
+TINY_CLI = ["--data", "digits", "--batch-size", "16", "--channels", "8", "--latent-channels", "2", "2", "1",
+            "--checkpoint-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    pytest.importorskip("matplotlib")
+    root = tmp_path_factory.mktemp("hierarchical")
+    commands.main(["train-prior", "gaussian", "--out", str(root / "g"), "--steps", "4", *TINY_CLI])
+    commands.main(["train-prior", "joint", "--out", str(root / "j"), "--data", "digits", "--init-from",
+                   str(root / "g"), "--steps", "3", "--batch-size", "16", "--prior-steps", "3", "--energy-width", "8",
+                   "--checkpoint-every", "2"])
+    return root
+
+
+def test_gaussian_run_directory(runs):
+    g = runs / "g"
+    for name in ("config.json", "vae.safetensors", "metrics.json", "samples.png", "hierarchical_resampling.png"):
+        assert (g / name).exists(), name
+    metrics = json.loads((g / "metrics.json").read_text())["vae_training"]
+    assert metrics["steps"] == 4 and metrics["sample_quality"]["n_samples"] == 360
+    assert load_checkpoint(g / "vae.safetensors")["step"] == 4
+
+
+def test_joint_run_directory_and_resume(runs, tmp_path):
+    j = runs / "j"
+    for name in ("config.json", "vae.safetensors", "ebm.safetensors", "metrics.json", "samples.png",
+                 "hierarchical_resampling.png", "langevin_transition.png"):
+        assert (j / name).exists(), name
+    config = json.loads((j / "config.json").read_text())
+    assert config["vae"]["init_from"] == str(runs / "g") and config["ebm"]["scheme"] == "two-stage"
+    metrics = json.loads((j / "metrics.json").read_text())["ebm_training"]
+    assert 0 < metrics["chain_seconds"] <= metrics["seconds"] and metrics["sampler"] == "library"
+    assert [h["step"] for h in metrics["history"]] == [3]
+    # resume: continue to 5 steps from the step-3 checkpoint; the frozen VAE is untouched
+    vae_before = load_checkpoint(j / "vae.safetensors")
+    commands.main(["train-prior", "joint", "--out", str(j), "--data", "digits", "--steps", "5", "--resume"])
+    assert load_checkpoint(j / "ebm.safetensors")["step"] == 5
+    metrics = json.loads((j / "metrics.json").read_text())["ebm_training"]
+    assert [h["step"] for h in metrics["history"]] == [3, 5]
+    assert load_checkpoint(j / "vae.safetensors") == vae_before
+
+
+def test_joint_scheme_trains_the_vae_too(tmp_path):
+    """scheme="joint" from scratch (VAE stage, then the ELBO with the EBM prior), with the eager sampler."""
+    out = tmp_path / "joint"
+    commands.main(["train-prior", "joint", "--out", str(out), "--vae-steps", "2", "--steps", "2", "--scheme", "joint",
+                   "--prior-steps", "2", "--energy-width", "8", "--sampler", "eager", "--variant", "code", *TINY_CLI])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["vae_training"]["steps"] == 2 and metrics["ebm_training"]["sampler"] == "eager"
+    history = metrics["ebm_training"]["history"][-1]
+    assert {"reconstruction", "kl", "energy_gap"} <= set(history)
+    from safetensors.torch import load_file
+    before, after = load_file(out / "vae.safetensors"), load_file(out / "ebm.safetensors")
+    assert not torch.equal(before["model.h0"], after["model.vae.h0"])  # the VAE moved with the EBMs
