@@ -130,7 +130,7 @@ def train_base(model: str, data: str, out: str | os.PathLike, *, steps: int | No
     all_metrics = read_json(metrics_path) if os.path.exists(metrics_path) else {}
     metrics = {"final_loss": loss_value, "steps": steps, "seconds": seconds,
                "samples_per_second": (steps - start) * batch_size / max(seconds, 1e-9), "history": history,
-               "sample_quality": sample_quality(samples, test_set)}
+               "sample_quality": sample_quality(samples, test_set, data_dir=data_dir, data_seed=seed)}
     all_metrics["base_training"] = metrics
     write_json(metrics_path, all_metrics)
     plot_panels([(f"{model} samples", samples), ("held-out data", test_set.tensors()[0][: len(samples)])],

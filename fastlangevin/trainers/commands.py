@@ -54,8 +54,9 @@ def add_commands(subparsers) -> None:
     tilt.add_argument("--energy-depth", type=int, default=None)
     tilt.add_argument("--eval-every", type=int, default=50, help="steps between early-stopping evaluations")
     tilt.add_argument("--n-eval", type=int, default=2000, help="samples per early-stopping evaluation")
-    tilt.add_argument("--stop-on", choices=("mmd2", "energy_distance", "high_quality"), default="mmd2",
-                      help="validation metric that picks ebm_best (high_quality: toy data with modes only)")
+    tilt.add_argument("--stop-on", choices=("mmd2", "energy_distance", "high_quality", "frechet_distance"),
+                      default="mmd2", help="validation metric that picks ebm_best (high_quality: toy data with "
+                                           "modes only; frechet_distance: images only)")
     tilt.add_argument("--patience", type=int, default=None,
                       help="stop after this many evaluations without improvement (default: run all steps)")
     tilt.add_argument("--seed", type=int, default=0)

@@ -7,15 +7,21 @@ import os
 import torch
 
 from fastlangevin.metrics import default_bandwidths, energy_distance, mmd2, mode_coverage
+from fastlangevin.metrics.frechet import frechet_classifier_distance
+from fastlangevin.metrics.inception import InceptionUnavailable, inception_fid
 
 
-def sample_quality(samples: torch.Tensor, reference, bandwidths: list[float] | None = None) -> dict:
+def sample_quality(samples: torch.Tensor, reference, bandwidths: list[float] | None = None,
+                   data_dir: str | os.PathLike | None = None, data_seed: int = 0, *, inception: bool = False) -> dict:
     """Metrics of ``samples`` (N, *data_shape) against ``reference`` (an ArrayDataset of held-out data).
 
     Always: ``mmd2`` (unbiased squared MMD, Gaussian kernels at ``bandwidths``; default: fractions of the reference's
     median pairwise distance, see ``fastlangevin.metrics.mmd``) and ``energy_distance`` — on raw coordinates for
-    toys, on flattened pixels for images (a crude image metric, not a Fréchet distance). Where the data has known modes
-    (25-Gaussians): ``modes_covered``, ``n_modes`` and ``high_quality`` (share within 3 std of a mode).
+    toys, on flattened pixels for images. Where the data has known modes (25-Gaussians): ``modes_covered``,
+    ``n_modes`` and ``high_quality`` (share within 3 std of a mode). Images: ``frechet_distance`` on the features of
+    fastlangevin's classifier for the data set (trained on ``make_dataset(reference.name, data_dir, "train",
+    seed=data_seed)`` once and cached; ``frechet_features`` names it) and, with ``inception``, the standard
+    ``inception_fid`` where a backend runs offline, else ``inception_fid_skipped`` with the reason.
     """
     x_ref = reference.tensors()[0]
     samples = samples.detach().cpu().float()
@@ -27,6 +33,14 @@ def sample_quality(samples: torch.Tensor, reference, bandwidths: list[float] | N
     if getattr(reference, "modes", None) is not None:
         cov = mode_coverage(samples, reference.modes, reference.mode_std)
         out.update(modes_covered=cov.modes_covered, n_modes=cov.n_modes, high_quality=cov.high_quality)
+    if len(reference.sample_shape) == 3:
+        out["frechet_distance"], out["frechet_features"] = frechet_classifier_distance(samples, reference, data_dir,
+                                                                                       data_seed=data_seed)
+        if inception:
+            try:
+                out["inception_fid"], out["inception_features"] = inception_fid(samples, x_ref)
+            except InceptionUnavailable as e:
+                out["inception_fid_skipped"] = str(e)
     return out
 
 

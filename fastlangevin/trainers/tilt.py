@@ -32,7 +32,8 @@ from fastlangevin.trainers.quality import plot_panels, sample_quality
 
 EBM_LAST, EBM_BEST = "ebm.safetensors", "ebm_best.safetensors"
 POSITIVES = ("data", "reconstruction")
-STOP_ON = {"mmd2": -1.0, "energy_distance": -1.0, "high_quality": 1.0}  # early-stopping metrics, +1: higher is better
+# early-stopping metrics, +1: higher is better
+STOP_ON = {"mmd2": -1.0, "energy_distance": -1.0, "high_quality": 1.0, "frechet_distance": -1.0}
 
 
 def tilted_energy(energy, base):
@@ -104,6 +105,9 @@ def train_tilt(run_dir: str | os.PathLike, *, steps: int = 500, batch_size: int 
     if stop_on == "high_quality" and val_set.modes is None:
         raise ValueError(f"stop_on='high_quality' needs data with known modes (25gaussians), not {b['data']}; "
                          f"use 'mmd2' or 'energy_distance'")
+    if stop_on == "frechet_distance" and len(val_set.sample_shape) != 3:
+        raise ValueError(f"stop_on='frechet_distance' needs image data, not {b['data']}; use 'mmd2' or "
+                         f"'energy_distance'")
     x_train = train_set.tensors()[0]
     energy = make_energy(base.data_shape, energy_width, energy_depth).to(device)
     tilt_config = dict(steps=steps, batch_size=batch_size, lr=lr, betas=list(betas), n_steps=n_steps,
@@ -155,7 +159,7 @@ def train_tilt(run_dir: str | os.PathLike, *, steps: int = 500, batch_size: int 
                         chain=f"{chain_seconds / elapsed:.0%}")
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             samples = sample_tilted(base, energy, z_val, sample_steps, step_size, seed=seed + 11)
-            quality = sample_quality(samples, val_set, bandwidths)
+            quality = sample_quality(samples, val_set, bandwidths, b["data_dir"], b["seed"])
             bandwidths = quality["mmd_bandwidths"]
             entry = {"step": step + 1, "loss": loss.item(), "energy_gap": gap, **quality}
             entry.pop("mmd_bandwidths")
@@ -169,6 +173,7 @@ def train_tilt(run_dir: str | os.PathLike, *, steps: int = 500, batch_size: int 
                       f"{quality['energy_distance']:.5f}" + (f", high-quality {quality['high_quality']:.1%}, modes "
                                                               f"{quality['modes_covered']}/{quality['n_modes']}"
                                                               if "high_quality" in quality else "")
+                      + (f", fcd {quality['frechet_distance']:.5g}" if "frechet_distance" in quality else "")
                       + f" (best {stop_on} {best['value']:.5g} at step {best['step']})")
             metrics = {"history": history, "best": best, "seconds": time.perf_counter() - begin,
                        "chain_seconds": chain_seconds, "positives": positives}
@@ -247,8 +252,9 @@ def evaluate_run(run_dir: str | os.PathLike, *, n: int = 5000, seed: int = 123, 
     b = config["base"]
     test = make_dataset(b["data"], b["data_dir"], "test", seed=b["seed"],
                         n_samples=n if b["data"] in TOY_DATASETS else None)
-    base_q = sample_quality(before, test)
-    tilted_q = sample_quality(after, test, base_q["mmd_bandwidths"])
+    kwargs = dict(data_dir=b["data_dir"], data_seed=b["seed"], inception=True)
+    base_q = sample_quality(before, test, **kwargs)
+    tilted_q = sample_quality(after, test, base_q["mmd_bandwidths"], **kwargs)
     result = {"data": b["data"], "model": b["model"], "ebm_step": meta["step"], "which": which, "seed": seed,
               "n_steps": n_steps or config["tilt"]["sample_steps"], "base": base_q, "tilted": tilted_q}
     write_json(os.path.join(run_dir, "evaluation.json"), result)
@@ -257,7 +263,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, n: int = 5000, seed: int = 123, 
 
 def format_evaluation(result: dict) -> str:
     """A table of base vs tilted metrics."""
-    keys = [k for k in ("high_quality", "modes_covered", "mmd2", "energy_distance") if k in result["base"]]
+    keys = [k for k in ("high_quality", "modes_covered", "mmd2", "energy_distance", "frechet_distance",
+                        "inception_fid") if k in result["base"]]
     lines = [f"{result['model']} on {result['data']}: base vs tilted (EBM step {result['ebm_step']}, "
              f"{result['n_steps']} Langevin steps, {result['base']['n_samples']} samples vs "
              f"{result['base']['n_reference']} test points)",
@@ -270,4 +277,6 @@ def format_evaluation(result: dict) -> str:
             cells.append(f"{v:>18.1%}" if k == "high_quality" else f"{str(v) + '/' + str(row['n_modes']):>18}"
                          if k == "modes_covered" else f"{v:>18.5f}")
         lines.append(f"{name:<8}" + "".join(cells))
+    lines += [result["base"][k] for k in ("frechet_features", "inception_features", "inception_fid_skipped")
+              if k in result["base"]]
     return "\n".join(lines)
