@@ -245,9 +245,10 @@ def sample_run(run_dir: str | os.PathLike, *, n: int = 2000, seed: int = 0, n_st
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, n: int = 5000, seed: int = 123, n_steps: int | None = None,
-                 which: str = "best", device: str = "cpu") -> dict:
+                 which: str = "best", device: str = "cpu", figure: str | os.PathLike | None = None) -> dict:
     """Sample quality of the base and the tilted model against the test split (n samples each, the same z0);
-    written to RUN_DIR/evaluation.json and returned."""
+    written to RUN_DIR/evaluation.json and returned. ``figure``: also plot the scored samples there, as the paper's
+    Figure 1 (held-out data | base | base + latent EBM)."""
     before, after, config, meta = _draw(run_dir, n, seed, n_steps, which, device)
     b = config["base"]
     test = make_dataset(b["data"], b["data_dir"], "test", seed=b["seed"],
@@ -258,6 +259,9 @@ def evaluate_run(run_dir: str | os.PathLike, *, n: int = 5000, seed: int = 123, 
     result = {"data": b["data"], "model": b["model"], "ebm_step": meta["step"], "which": which, "seed": seed,
               "n_steps": n_steps or config["tilt"]["sample_steps"], "base": base_q, "tilted": tilted_q}
     write_json(os.path.join(run_dir, "evaluation.json"), result)
+    if figure is not None:
+        plot_panels([("data (held out)", test.tensors()[0][:n]), (b["model"].upper(), before),
+                     (f"{b['model'].upper()} + latent EBM", after)], figure, test)
     return result
 
 
