@@ -27,6 +27,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).resolve().parent
@@ -189,8 +190,25 @@ class SDist(sdist):
         super().make_distribution()
 
 
+class BuildPy(build_py):
+    """Also puts the kernel sources that the NVRTC route compiles at run time (fastlangevin/ops/nvrtc.py) into the
+    package, as fastlangevin/_csrc/{include/fastlangevin/*, cuda/langevin_step_nvrtc.cu}: an installed package has no
+    csrc/ beside it. Editable installs read csrc/ in the source tree instead."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        dest = Path(self.build_lib) / "fastlangevin" / "_csrc"
+        sources = sorted((ROOT / "csrc" / "include" / "fastlangevin").glob("*.*"))
+        for path in sources + [ROOT / "csrc" / "cuda" / "langevin_step_nvrtc.cu"]:
+            target = dest / path.relative_to(ROOT / "csrc")
+            self.mkpath(str(target.parent))
+            self.copy_file(str(path), str(target), preserve_mode=False)
+
+
 ext_modules = [CMakeExtension("fastlangevin._C")]
 if _find_nvcc():
     ext_modules.append(CMakeExtension("fastlangevin._C_cuda", optional=True))
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild, "sdist": SDist})
+setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy, "sdist": SDist})

@@ -1,13 +1,21 @@
-"""Lazy loading of the compiled backends ``fastlangevin._C`` (CPU) and ``fastlangevin._C_cuda`` (CUDA).
+"""Lazy loading of the compiled backends ``fastlangevin._C`` (CPU) and ``fastlangevin._C_cuda`` (CUDA), and the route
+the CUDA kernels take.
 
 Nothing is imported until a backend is first asked for, and a missing or broken module never raises here: the
 loaders return ``None`` and ``cpu_reason()`` / ``cuda_reason()`` say why, e.g. ``"not built: ..."`` or
 ``"import failed: ..."``. The outcome is cached, so the import is tried once per process.
+
+The CUDA kernels run by one of two routes (``cuda_route()``): the nvcc build ``fastlangevin._C_cuda``, or the same
+kernel sources compiled at first use by NVRTC through CuPy (``fastlangevin.ops.nvrtc``) where that build is missing or
+cannot reach the GPU. ``FASTLANGEVIN_CUDA_ROUTE=nvcc`` or ``=nvrtc`` allows only that route.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import logging
+import os
 import threading
 from types import ModuleType
 
@@ -18,7 +26,8 @@ _HINTS = {
 
 _lock = threading.Lock()
 _cache: dict[str, tuple[ModuleType | None, str | None]] = {}
-_runtime_status: list[str | None] = []  # filled once by cuda_runtime_reason()
+_runtime_status: list[str | None] = []  # filled once by _nvcc_runtime_reason()
+ROUTE_ENV = "FASTLANGEVIN_CUDA_ROUTE"
 
 
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
@@ -52,7 +61,7 @@ def cuda_reason() -> str | None:
     return _load("_C_cuda")[1]
 
 
-def cuda_runtime_reason() -> str | None:
+def _nvcc_runtime_reason() -> str | None:
     """None when the CUDA extension loads and its runtime reaches a GPU, else why not.
 
     The extension links the CUDA runtime of the nvcc it was built with statically, so it needs a driver at least that
@@ -68,6 +77,79 @@ def cuda_runtime_reason() -> str | None:
         return _runtime_status[0]
 
 
+_nvrtc: list[tuple[object | None, str | None]] = []  # filled once by load_nvrtc()
+
+
+def load_nvrtc() -> tuple[object | None, str | None]:
+    """``(fastlangevin.ops.nvrtc.NvrtcKernels(), None)``, or ``(None, why not)``: CuPy not importable, NVRTC not
+    loadable, kernel sources or CUDA headers missing. Imports CuPy; tried once per process."""
+    with _lock:
+        if not _nvrtc:
+            try:
+                from fastlangevin.ops.nvrtc import NvrtcKernels
+
+                _nvrtc.append((NvrtcKernels(), None))
+            except ImportError as e:
+                _nvrtc.append((None, f"CuPy not importable ({e}); pip install cupy-cuda13x (or cupy-cuda12x)"))
+            except Exception as e:  # libnvrtc missing, sources or headers not found
+                _nvrtc.append((None, f"{type(e).__name__}: {e}"))
+        return _nvrtc[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaRoute:
+    """How the CUDA kernels run here. ``kernels`` has the interface of ``fastlangevin._C_cuda`` (that module, or the
+    NVRTC route's ``NvrtcKernels``); ``description`` says which, e.g. ``"nvcc build"`` or ``"NVRTC via CuPy 14.2.0
+    (NVRTC 13.5)"``; ``reason`` is None when a route runs, else why none does."""
+
+    kernels: object | None
+    description: str
+    reason: str | None
+
+
+_route: list[CudaRoute] = []
+
+
+def cuda_route() -> CudaRoute:
+    """The route of the CUDA kernels, chosen once per process: the nvcc build when it loads and reaches the GPU, else
+    the NVRTC route when CuPy is importable, else none (``reason`` names what each lacks). Imports CuPy only when
+    torch sees a GPU and the nvcc build cannot run (or ``FASTLANGEVIN_CUDA_ROUTE=nvrtc``)."""
+    if _route:
+        return _route[0]
+    import torch
+
+    forced = os.environ.get(ROUTE_ENV, "").strip().lower()
+    failed = []
+    if forced not in ("", "nvcc", "nvrtc"):
+        failed.append(f"{ROUTE_ENV} must be 'nvcc', 'nvrtc' or unset, got {forced!r}")
+    elif not torch.cuda.is_available():
+        failed.append("torch sees no CUDA device")
+    else:
+        if forced != "nvrtc":
+            why = _nvcc_runtime_reason()
+            if why is None:
+                return _keep(CudaRoute(_load("_C_cuda")[0], "nvcc build (fastlangevin._C_cuda)", None))
+            failed.append(f"nvcc build: {why}")
+        if forced != "nvcc":
+            kernels, why = load_nvrtc()
+            if kernels is not None:
+                if failed:
+                    logging.getLogger("fastlangevin").warning("fastlangevin: CUDA kernels compiled by NVRTC because "
+                                                              "the %s", failed[0])
+                return _keep(CudaRoute(kernels, kernels.description, None))
+            failed.append(f"NVRTC route: {why}")
+        if forced:
+            failed.append(f"{ROUTE_ENV}={forced} allows only that route")
+    return _keep(CudaRoute(None, "none", "; ".join(failed)))
+
+
+def _keep(route: CudaRoute) -> CudaRoute:
+    with _lock:
+        if not _route:
+            _route.append(route)
+        return _route[0]
+
+
 def require_cpu() -> ModuleType:
     """The CPU extension module; raises RuntimeError with the reason when it is unavailable."""
     mod, reason = _load("_C")
@@ -76,19 +158,23 @@ def require_cpu() -> ModuleType:
     return mod
 
 
-def require_cuda() -> ModuleType:
-    """The CUDA extension module; raises RuntimeError with the reason when it is unavailable."""
-    mod, reason = _load("_C_cuda")
-    if mod is None:
-        raise RuntimeError(f"fastlangevin CUDA extension unavailable ({reason}); use backend='triton' or "
+def require_cuda():
+    """The CUDA kernels of ``cuda_route()`` (the nvcc module or the NVRTC route, one interface); raises RuntimeError
+    with the reason when neither runs."""
+    route = cuda_route()
+    if route.kernels is None:
+        raise RuntimeError(f"fastlangevin CUDA kernels unavailable ({route.reason}); use backend='triton' or "
                            "backend='reference' instead")
-    return mod
+    return route.kernels
 
 
 def build_info() -> dict[str, object]:
-    """``build_info()`` of each backend that loads, else its reason: ``{"cpu": {...} | str, "cuda": {...} | str}``."""
+    """``build_info()`` of each compiled backend that loads, else its reason, and the CUDA kernels' route:
+    ``{"cpu": {...} | str, "cuda": {...} | str, "cuda_route": str}``."""
     out: dict[str, object] = {}
     for key, name in (("cpu", "_C"), ("cuda", "_C_cuda")):
         mod, reason = _load(name)
         out[key] = mod.build_info() if mod is not None else reason
+    route = cuda_route()
+    out["cuda_route"] = route.reason if route.kernels is None else route.description
     return out

@@ -4,7 +4,9 @@ Backends of the fused step op:
 
 * ``reference`` — plain PyTorch, every device and float dtype; the oracle of the tests.
 * ``cpu`` — C++ (pybind11 extension ``fastlangevin._C``), CPU tensors, float32/float64.
-* ``cuda`` — CUDA C++ (extension ``fastlangevin._C_cuda``), CUDA tensors, float16/bfloat16/float32/float64.
+* ``cuda`` — CUDA C++, CUDA tensors, float16/bfloat16/float32/float64: the nvcc build (extension
+  ``fastlangevin._C_cuda``), or the same kernel sources compiled at first use by NVRTC through CuPy where that
+  build is missing (``fastlangevin.ops.nvrtc``); the status says which route runs (``_ext.cuda_route()``).
 * ``triton`` — a Triton kernel, CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (for testing).
 
 ``"auto"`` takes the first available backend of ``AUTO_ORDER[device type]`` that supports the dtype. A fallback
@@ -74,8 +76,8 @@ def backend_status(name: str, device_type: str) -> BackendStatus:
             return BackendStatus(name, False, "runs on CUDA tensors only")
         if not torch.cuda.is_available():
             return BackendStatus(name, False, "torch sees no CUDA device")
-        why = _ext.cuda_runtime_reason()  # also the import: the extension must load and reach the driver
-        return BackendStatus(name, why is None, why or "CUDA extension fastlangevin._C_cuda")
+        route = _ext.cuda_route()  # the nvcc build must load and reach the driver, else NVRTC via CuPy
+        return BackendStatus(name, route.reason is None, route.reason or f"CUDA kernels, {route.description}")
     if name == "triton":
         why = _triton_importable()
         if why:

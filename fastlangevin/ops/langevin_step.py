@@ -34,13 +34,16 @@ def launch_cpu(out, z, grad, rng_state, step_size, noise_scale, prior_kind, prio
                                      step_size, noise_scale, DTYPE_CODES[z.dtype], torch.get_num_threads())
 
 
-def launch_cuda(out, z, grad, rng_state, step_size, noise_scale, prior_kind, prior_mean, prior_inv_var) -> None:
-    """The CUDA kernel writing one step into ``out`` on the current stream of ``z``'s device."""
+def launch_cuda(out, z, grad, rng_state, step_size, noise_scale, prior_kind, prior_mean, prior_inv_var,
+                kernels=None) -> None:
+    """The CUDA kernel writing one step into ``out`` on the current stream of ``z``'s device. ``kernels``: the route
+    (``fastlangevin._C_cuda`` or ``ops.nvrtc.NvrtcKernels``), default ``_ext.cuda_route()``'s."""
     with torch.cuda.device(z.device):
         stream = torch.cuda.current_stream(z.device).cuda_stream
-        _ext.require_cuda().langevin_step(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), _features(z),
-                                          prior_kind, _ptr(prior_mean), _ptr(prior_inv_var), rng_state.data_ptr(),
-                                          step_size, noise_scale, DTYPE_CODES[z.dtype], 0, stream)
+        kernels = kernels or _ext.require_cuda()
+        kernels.langevin_step(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), _features(z), prior_kind,
+                              _ptr(prior_mean), _ptr(prior_inv_var), rng_state.data_ptr(), step_size, noise_scale,
+                              DTYPE_CODES[z.dtype], 0, stream)
 
 
 @torch.library.custom_op("fastlangevin::langevin_step_cpu", mutates_args=(), device_types="cpu")
