@@ -144,7 +144,7 @@ def test_classifier_rejects_tiny_images_and_bad_config():
         ClassifierConfig(feature_dim=0)
     with pytest.raises(ValueError, match="epochs must be > 0"):
         ClassifierConfig(epochs=0.0)
-    assert ClassifierConfig().steps(1437) == 500 and ClassifierConfig().steps(60_000) == 1407
+    assert ClassifierConfig().steps(1437) == 400 and ClassifierConfig().steps(60_000) == 2813
 
 
 def test_training_is_deterministic_and_leaves_the_global_rng_alone():
