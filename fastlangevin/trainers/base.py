@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from fastlangevin.data import TOY_DATASETS, make_dataset
 from fastlangevin.models import LatentGenerativeModel, make_model
+from fastlangevin.trainers import distributed
 from fastlangevin.trainers.checkpoint import load_checkpoint, read_json, save_checkpoint, write_json
 from fastlangevin.trainers.quality import plot_panels, sample_quality
 
@@ -71,7 +72,18 @@ def train_base(model: str, data: str, out: str | os.PathLike, *, steps: int | No
 
     ``resume``: continue from RUN_DIR/base.safetensors (model, optimizer, step) with the saved config; the batches
     after the saved step are the ones an uninterrupted run would have drawn.
+    Under ``torchrun`` (see ``fastlangevin.trainers.distributed``) each of N ranks takes B/N rows of the same global
+    batch of ``batch_size`` B and DDP averages the gradients; rank 0 writes the run directory.
     """
+    with distributed.setup(device) as ctx:
+        return _train_base(ctx, model, data, out, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                           data_dir=data_dir, n_train=n_train, latent_dim=latent_dim, width=width,
+                           checkpoint_every=checkpoint_every, n_eval=n_eval, resume=resume, progress=progress)
+
+
+def _train_base(ctx: distributed.DistributedContext, model, data, out, *, steps, epochs, batch_size, lr, seed, data_dir,
+                n_train, latent_dim, width, checkpoint_every, n_eval, resume, progress) -> dict:
+    device = ctx.device
     os.makedirs(out, exist_ok=True)
     config_path, ckpt_path = os.path.join(out, "config.json"), os.path.join(out, BASE_CHECKPOINT)
     if resume:
@@ -80,6 +92,7 @@ def train_base(model: str, data: str, out: str | os.PathLike, *, steps: int | No
         saved = read_json(config_path)["base"]
         model, data, data_dir, seed = saved["model"], saved["data"], saved["data_dir"], saved["seed"]
         batch_size, lr, n_train = saved["batch_size"], saved["lr"], saved["n_train"]
+    ctx.check_batch(batch_size)
     torch.manual_seed(seed)
     train_set = make_dataset(data, data_dir, "train", seed=seed, n_samples=n_train)
     test_set = make_dataset(data, data_dir, "test", seed=seed, n_samples=n_eval if data in TOY_DATASETS else None)
@@ -95,20 +108,28 @@ def train_base(model: str, data: str, out: str | os.PathLike, *, steps: int | No
     start = 0
     if resume:
         start = load_checkpoint(ckpt_path, net, optimizer, restore_rng=True)["step"]
-        print(f"resuming {model} on {data} from step {start} of {steps}")
+        if ctx.is_main:
+            print(f"resuming {model} on {data} from step {start} of {steps}")
+    if ctx.rank:  # rank 0 keeps the single-process stream (restored on resume); the others draw their own
+        torch.manual_seed(ctx.rank_seed(seed * 1_000_003 + start))
     config = read_json(config_path) if os.path.exists(config_path) else {}
     config["base"] = dict(model=model, model_config=model_config, data=data, data_dir=data_dir, seed=seed,
                           steps=steps, batch_size=batch_size, lr=lr, n_train=n_train)
-    write_json(config_path, config)
+    if ctx.is_main:
+        write_json(config_path, config)
 
     net.train()
+    if start < steps:  # actnorms initialise on the first global batch, the same on every rank
+        first = x_train[batch_indices(len(x_train), batch_size, seed, start)]
+        distributed.init_on_global_batch(net, first.to(device))
+    loss_terms = ctx.wrap(net, "loss_terms")
     history, loss_value, begin = [], float("nan"), time.perf_counter()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train-base {model}", disable=not progress,
-               mininterval=2.0, dynamic_ncols=True)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train-base {model}",
+               disable=not (progress and ctx.is_main), mininterval=2.0, dynamic_ncols=True)
     for step in bar:
-        x = x_train[batch_indices(len(x_train), batch_size, seed, step)].to(device)
-        terms = net.loss_terms(x)
-        loss_value = terms["loss"].item()
+        x = ctx.shard(x_train[batch_indices(len(x_train), batch_size, seed, step)]).to(device)
+        terms = loss_terms(x)
+        loss_value = ctx.all_reduce_mean(terms["loss"].item())
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"train-base: the loss is {loss_value} at step {step}; lower --lr")
         optimizer.zero_grad(set_to_none=True)
@@ -117,22 +138,25 @@ def train_base(model: str, data: str, out: str | os.PathLike, *, steps: int | No
         done = step + 1 - start
         bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{done * batch_size / (time.perf_counter() - begin):.0f}")
         if (step + 1) % 50 == 0 or step + 1 == steps:
-            history.append({"step": step + 1, **{k: v.item() for k, v in terms.items()}})
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            history.append({"step": step + 1, **{k: ctx.all_reduce_mean(v.item()) for k, v in terms.items()}})
+        if ctx.is_main and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(ckpt_path, net, optimizer, step + 1, extra={"model": model})
     seconds = time.perf_counter() - begin
     bar.close()
 
-    net.eval()
-    with torch.no_grad():
-        samples = net.sample(min(n_eval, len(test_set)), generator=torch.Generator().manual_seed(seed)).cpu()
-    metrics_path = os.path.join(out, "metrics.json")
-    all_metrics = read_json(metrics_path) if os.path.exists(metrics_path) else {}
-    metrics = {"final_loss": loss_value, "steps": steps, "seconds": seconds,
-               "samples_per_second": (steps - start) * batch_size / max(seconds, 1e-9), "history": history,
-               "sample_quality": sample_quality(samples, test_set, data_dir=data_dir, data_seed=seed)}
-    all_metrics["base_training"] = metrics
-    write_json(metrics_path, all_metrics)
-    plot_panels([(f"{model} samples", samples), ("held-out data", test_set.tensors()[0][: len(samples)])],
-                os.path.join(out, "base_samples.png"), test_set)
-    return metrics
+    metrics = None
+    if ctx.is_main:
+        net.eval()
+        with torch.no_grad():
+            samples = net.sample(min(n_eval, len(test_set)), generator=torch.Generator().manual_seed(seed)).cpu()
+        metrics_path = os.path.join(out, "metrics.json")
+        all_metrics = read_json(metrics_path) if os.path.exists(metrics_path) else {}
+        metrics = {"final_loss": loss_value, "steps": steps, "seconds": seconds,
+                   "samples_per_second": (steps - start) * batch_size / max(seconds, 1e-9), "history": history,
+                   "sample_quality": sample_quality(samples, test_set, data_dir=data_dir, data_seed=seed),
+                   "world_size": ctx.world_size}
+        all_metrics["base_training"] = metrics
+        write_json(metrics_path, all_metrics)
+        plot_panels([(f"{model} samples", samples), ("held-out data", test_set.tensors()[0][: len(samples)])],
+                    os.path.join(out, "base_samples.png"), test_set)
+    return ctx.broadcast(metrics)

@@ -7,8 +7,11 @@ returns True when it was one of these (False otherwise, so the CLI can go on dis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import io
 import json
+import os
 
 COMMANDS = ("train-base", "tilt", "sample", "evaluate", "train-prior")
 # train-prior MODEL -> its trainer in fastlangevin.trainers, called as fn(model, data, out, **the flags given);
@@ -60,6 +63,8 @@ def add_commands(subparsers) -> None:
     tilt.add_argument("--patience", type=int, default=None,
                       help="stop after this many evaluations without improvement (default: run all steps)")
     tilt.add_argument("--seed", type=int, default=0)
+    tilt.add_argument("--sampler", choices=("library", "eager"), default="library",
+                      help="training chains: fl.langevin or the hand-written loop (chain-cost comparisons)")
     tilt.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ebm.safetensors")
     tilt.add_argument("--device", default="cpu")
 
@@ -142,6 +147,13 @@ def _run_train_prior(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> bool:
+    """Run ``args.command`` if it is a trainer command (under torchrun only rank 0 prints); False otherwise."""
+    quiet = os.environ.get("RANK", "0") != "0"
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> bool:
     if args.command not in COMMANDS:
         return False
     from fastlangevin import trainers
@@ -158,7 +170,8 @@ def run(args: argparse.Namespace) -> bool:
                                       sample_steps=args.sample_steps, reg=args.reg, positives=args.positives,
                                       energy_width=args.energy_width, energy_depth=args.energy_depth,
                                       eval_every=args.eval_every, n_eval=args.n_eval, patience=args.patience,
-                                      stop_on=args.stop_on, seed=args.seed, resume=args.resume, device=args.device)
+                                      stop_on=args.stop_on, seed=args.seed, sampler=args.sampler,
+                                      resume=args.resume, device=args.device)
         best = metrics["best"]
         print(f"best validation {best['metric']} {best['value']:.5g} at step {best['step']}")
     elif args.command == "train-prior":

@@ -23,9 +23,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-import fastlangevin as fl
 from fastlangevin.data import TOY_DATASETS, make_dataset
+from fastlangevin.trainers import distributed
 from fastlangevin.trainers.base import batch_indices, load_base
+from fastlangevin.trainers.chains import SAMPLERS, ChainTimer, run_chain
 from fastlangevin.trainers.checkpoint import load_checkpoint, read_json, save_checkpoint, write_json
 from fastlangevin.trainers.energy_nets import make_energy
 from fastlangevin.trainers.quality import plot_panels, sample_quality
@@ -46,7 +47,7 @@ def sample_tilted(base, energy, z0: torch.Tensor, n_steps: int, step_size: float
     """G(z_K) for chains from ``z0`` (N, latent_dim), run in batches of ``batch_size``: (N, *data_shape)."""
     out = []
     for i, chunk in enumerate(z0.split(batch_size)):
-        z = fl.langevin(tilted_energy(energy, base), chunk, n_steps, step_size, prior="normal", seed=seed + i)
+        z = run_chain(tilted_energy(energy, base), chunk, n_steps, step_size, prior="normal", seed=seed + i)
         with torch.no_grad():
             out.append(base.generate(z).cpu())
     return torch.cat(out)
@@ -76,16 +77,34 @@ def train_tilt(run_dir: str | os.PathLike, *, steps: int = 500, batch_size: int 
                betas: tuple[float, float] = (0.5, 0.999), n_steps: int = 60, step_size: float = 0.01,
                sample_steps: int = 100, reg: float = 0.1, positives: str = "data", energy_width: int | None = None,
                energy_depth: int | None = None, eval_every: int = 50, n_eval: int = 2000,
-               patience: int | None = None, stop_on: str = "mmd2", seed: int = 0, resume: bool = False,
-               device: str = "cpu", progress: bool = True) -> dict:
+               patience: int | None = None, stop_on: str = "mmd2", seed: int = 0, sampler: str = "library",
+               resume: bool = False, device: str = "cpu", progress: bool = True) -> dict:
     """Train the latent EBM on RUN_DIR's frozen backbone; returns the training metrics (also in metrics.json).
 
     ``stop_on``: the validation metric that picks ebm_best (a key of ``STOP_ON``). ``patience``: stop after that many
-    evaluations without a better one (None: run all ``steps``; the best checkpoint is kept either way)."""
+    evaluations without a better one (None: run all ``steps``; the best checkpoint is kept either way).
+    ``sampler``: "library" (``fl.langevin``) or "eager" (the hand-written loop) for the training chains.
+    Under ``torchrun`` each of N ranks takes B/N positives and runs B/N of the negative chains (its own noise seed,
+    so the run equals the single-process one in distribution); DDP averages the gradients; rank 0 evaluates, writes
+    the run directory and decides when to stop."""
     if positives not in POSITIVES:
         raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
     if stop_on not in STOP_ON:
         raise ValueError(f"stop_on must be one of {tuple(STOP_ON)}, got {stop_on!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    with distributed.setup(device) as ctx:
+        return _train_tilt(ctx, run_dir, steps=steps, batch_size=batch_size, lr=lr, betas=betas, n_steps=n_steps,
+                           step_size=step_size, sample_steps=sample_steps, reg=reg, positives=positives,
+                           energy_width=energy_width, energy_depth=energy_depth, eval_every=eval_every,
+                           n_eval=n_eval, patience=patience, stop_on=stop_on, seed=seed, sampler=sampler,
+                           resume=resume, progress=progress)
+
+
+def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_size, lr, betas, n_steps, step_size,
+                sample_steps, reg, positives, energy_width, energy_depth, eval_every, n_eval, patience, stop_on, seed,
+                sampler, resume, progress) -> dict:
+    device = ctx.device
     base, config = load_base(run_dir, device)
     if resume:
         saved = config.get("tilt")
@@ -98,6 +117,7 @@ def train_tilt(run_dir: str | os.PathLike, *, steps: int = 500, batch_size: int 
         energy_width, energy_depth = saved["energy_width"], saved["energy_depth"]
         eval_every, n_eval, steps = saved["eval_every"], saved["n_eval"], max(steps, saved["steps"])
         patience, stop_on = saved.get("patience"), saved.get("stop_on", "mmd2")
+    ctx.check_batch(batch_size)
     torch.manual_seed(seed)
     b = config["base"]
     train_set = make_dataset(b["data"], b["data_dir"], "train", seed=b["seed"], n_samples=b["n_train"])
@@ -113,7 +133,7 @@ def train_tilt(run_dir: str | os.PathLike, *, steps: int = 500, batch_size: int 
     tilt_config = dict(steps=steps, batch_size=batch_size, lr=lr, betas=list(betas), n_steps=n_steps,
                        step_size=step_size, sample_steps=sample_steps, reg=reg, positives=positives, seed=seed,
                        energy_width=energy_width, energy_depth=energy_depth, eval_every=eval_every, n_eval=n_eval,
-                       patience=patience, stop_on=stop_on, energy=type(energy).__name__)
+                       patience=patience, stop_on=stop_on, sampler=sampler, energy=type(energy).__name__)
     optimizer = torch.optim.Adam(energy.parameters(), lr=lr, betas=tuple(betas))
     metrics_path = os.path.join(run_dir, "metrics.json")
     all_metrics = read_json(metrics_path) if os.path.exists(metrics_path) else {}
@@ -122,69 +142,78 @@ def train_tilt(run_dir: str | os.PathLike, *, steps: int = 500, batch_size: int 
         start = load_checkpoint(os.path.join(run_dir, EBM_LAST), energy, optimizer)["step"]
         previous = all_metrics.get("tilt_training", {})
         history, best = previous.get("history", []), previous.get("best", best)
-        print(f"resuming tilt from step {start} of {steps}")
+        if ctx.is_main:
+            print(f"resuming tilt from step {start} of {steps}")
     config["tilt"] = tilt_config
-    write_json(os.path.join(run_dir, "config.json"), config)
+    if ctx.is_main:
+        write_json(os.path.join(run_dir, "config.json"), config)
+    energy_loss = ctx.wrap(energy)  # the training step's forward; chains and evaluation use ``energy`` itself
 
     # Fixed starting points for the validation chains, so successive evaluations compare energies, not noise.
     z_val = torch.randn(len(val_set), base.latent_dim, generator=torch.Generator().manual_seed(seed + 7)).to(device)
-    bandwidths = None
-    chain_seconds, begin = 0.0, time.perf_counter()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="tilt", disable=not progress, mininterval=2.0,
-               dynamic_ncols=True)
+    bandwidths, metrics = None, all_metrics.get("tilt_training", {"history": history, "best": best})
+    timer, begin = ChainTimer(device), time.perf_counter()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="tilt", disable=not (progress and ctx.is_main),
+               mininterval=2.0, dynamic_ncols=True)
     for step in bar:
-        x_pos = x_train[batch_indices(len(x_train), batch_size, seed + 1, step)].to(device)
+        x_pos = ctx.shard(x_train[batch_indices(len(x_train), batch_size, seed + 1, step)]).to(device)
         if positives == "reconstruction":
             with torch.no_grad():
                 x_pos = base.generate(base.encode(x_pos))
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        z0 = torch.randn(batch_size, base.latent_dim, generator=g).to(device)
-        t0 = time.perf_counter()
-        z_neg = fl.langevin(tilted_energy(energy, base), z0, n_steps, step_size, prior="normal",
-                            seed=(seed * 1_000_003 + step) % (2 ** 62))
-        chain_seconds += time.perf_counter() - t0
+        z0 = ctx.shard(torch.randn(batch_size, base.latent_dim, generator=g)).to(device)
+        with timer:
+            z_neg = run_chain(tilted_energy(energy, base), z0, n_steps, step_size, prior="normal",
+                              seed=ctx.rank_seed(seed * 1_000_003 + step), sampler=sampler)
         with torch.no_grad():
             x_neg = base.generate(z_neg)
-        e_pos, e_neg = energy(x_pos), energy(x_neg)
+        e_pos, e_neg = energy_loss(torch.cat([x_pos, x_neg])).split([len(x_pos), len(x_neg)])  # one DDP forward
         loss = e_pos.mean() - e_neg.mean() + reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"tilt: the loss is {loss.item()} at step {step}; lower --lr or raise --reg")
+        loss_value = ctx.all_reduce_mean(loss.item())
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"tilt: the loss is {loss_value} at step {step}; lower --lr or raise --reg")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        gap = (e_neg.mean() - e_pos.mean()).item()
+        gap = ctx.all_reduce_mean((e_neg.mean() - e_pos.mean()).item())
         elapsed = time.perf_counter() - begin
-        bar.set_postfix(loss=f"{loss.item():.3f}", gap=f"{gap:.3f}",
+        bar.set_postfix(loss=f"{loss_value:.3f}", gap=f"{gap:.3f}",
                         samples_s=f"{(step + 1 - start) * batch_size / elapsed:.0f}",
-                        chain=f"{chain_seconds / elapsed:.0%}")
+                        chain=f"{timer.seconds / elapsed:.0%}")
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            samples = sample_tilted(base, energy, z_val, sample_steps, step_size, seed=seed + 11)
-            quality = sample_quality(samples, val_set, bandwidths, b["data_dir"], b["seed"])
-            bandwidths = quality["mmd_bandwidths"]
-            entry = {"step": step + 1, "loss": loss.item(), "energy_gap": gap, **quality}
-            entry.pop("mmd_bandwidths")
-            history.append(entry)
-            value = quality[stop_on]
-            if best["value"] is None or STOP_ON[stop_on] * (value - best["value"]) > 0:
-                best = {"step": step + 1, "metric": stop_on, "value": value}
-                save_checkpoint(os.path.join(run_dir, EBM_BEST), energy, None, step + 1, extra={stop_on: value})
-            save_checkpoint(os.path.join(run_dir, EBM_LAST), energy, optimizer, step + 1)
-            bar.write(f"step {step + 1}: validation mmd2 {quality['mmd2']:.5f}, energy distance "
-                      f"{quality['energy_distance']:.5f}" + (f", high-quality {quality['high_quality']:.1%}, modes "
-                                                              f"{quality['modes_covered']}/{quality['n_modes']}"
-                                                              if "high_quality" in quality else "")
-                      + (f", fcd {quality['frechet_distance']:.5g}" if "frechet_distance" in quality else "")
-                      + f" (best {stop_on} {best['value']:.5g} at step {best['step']})")
-            metrics = {"history": history, "best": best, "seconds": time.perf_counter() - begin,
-                       "chain_seconds": chain_seconds, "positives": positives}
-            all_metrics["tilt_training"] = metrics
-            write_json(metrics_path, all_metrics)
-            stalled = best["step"] is not None and step + 1 - best["step"] >= (patience or 0) * eval_every
-            if patience is not None and stalled:
-                bar.write(f"early stop at step {step + 1}: no better validation {stop_on} in {patience} evaluations")
+            stop = False
+            if ctx.is_main:
+                samples = sample_tilted(base, energy, z_val, sample_steps, step_size, seed=seed + 11)
+                quality = sample_quality(samples, val_set, bandwidths, b["data_dir"], b["seed"])
+                bandwidths = quality["mmd_bandwidths"]
+                entry = {"step": step + 1, "loss": loss_value, "energy_gap": gap, **quality}
+                entry.pop("mmd_bandwidths")
+                history.append(entry)
+                value = quality[stop_on]
+                if best["value"] is None or STOP_ON[stop_on] * (value - best["value"]) > 0:
+                    best = {"step": step + 1, "metric": stop_on, "value": value}
+                    save_checkpoint(os.path.join(run_dir, EBM_BEST), energy, None, step + 1, extra={stop_on: value})
+                save_checkpoint(os.path.join(run_dir, EBM_LAST), energy, optimizer, step + 1)
+                bar.write(f"step {step + 1}: validation mmd2 {quality['mmd2']:.5f}, energy distance "
+                          f"{quality['energy_distance']:.5f}" + (
+                              f", high-quality {quality['high_quality']:.1%}, modes "
+                              f"{quality['modes_covered']}/{quality['n_modes']}" if "high_quality" in quality else "")
+                          + (f", fcd {quality['frechet_distance']:.5g}" if "frechet_distance" in quality else "")
+                          + f" (best {stop_on} {best['value']:.5g} at step {best['step']})")
+                metrics = {"history": history, "best": best, "seconds": time.perf_counter() - begin,
+                           "chain_seconds": timer.seconds, "positives": positives, "sampler": sampler,
+                           "world_size": ctx.world_size}
+                all_metrics["tilt_training"] = metrics
+                write_json(metrics_path, all_metrics)
+                stalled = best["step"] is not None and step + 1 - best["step"] >= (patience or 0) * eval_every
+                stop = patience is not None and stalled
+                if stop:
+                    bar.write(f"early stop at step {step + 1}: no better validation {stop_on} in {patience} "
+                              f"evaluations")
+            if ctx.broadcast(stop):  # every rank stops at the same step
                 break
     bar.close()
-    return all_metrics.get("tilt_training", {"history": history, "best": best})
+    return ctx.broadcast(metrics)
 
 
 def _draw(run_dir, n: int, seed: int, n_steps: int | None, which: str, device: str):
@@ -206,7 +235,7 @@ def langevin_transition(base, energy, z0: torch.Tensor, at_steps, step_size: flo
     out, z, done = [], z0, 0
     for i, k in enumerate(at_steps):
         if k > done:
-            z = fl.langevin(tilted_energy(energy, base), z, k - done, step_size, prior="normal", seed=seed + 1 + i)
+            z = run_chain(tilted_energy(energy, base), z, k - done, step_size, prior="normal", seed=seed + 1 + i)
             done = k
         with torch.no_grad():
             out.append((k, base.generate(z).cpu()))
