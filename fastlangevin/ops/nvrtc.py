@@ -114,11 +114,13 @@ def compile_kernels(nvrtc, arch: str, cuda_include: Path, root: Path | None = No
 
 def cached_compile(nvrtc, arch: str, cuda_include: Path, cache_dir: Path | None = None,
                    root: Path | None = None) -> tuple[bytes, dict[str, str]]:
-    """``compile_kernels`` through the disk cache: the key hashes the kernel source, every header of
-    ``include/fastlangevin``, the options and the NVRTC version (an edited header compiles afresh)."""
+    """``compile_kernels`` through the disk cache (``cache_dir``, default ``$FASTLANGEVIN_CACHE/nvrtc``): the key hashes
+    the kernel source, every header of ``include/fastlangevin``, the options and the NVRTC version (an edited header
+    compiles afresh)."""
     root = root or source_root()
-    cache_dir = Path(cache_dir or Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fastlangevin")
-                     / "nvrtc").expanduser()
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fastlangevin") / "nvrtc"
+    cache_dir = Path(cache_dir).expanduser()
     key = hashlib.sha256(repr((nvrtc.getVersion(), compile_options(arch, cuda_include, root))).encode())
     for path in [root / KERNEL_SOURCE] + sorted((root / "include" / "fastlangevin").iterdir()):
         key.update(path.name.encode() + b"\0" + path.read_bytes())
