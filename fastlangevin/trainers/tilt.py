@@ -10,8 +10,9 @@ x⁺ are real training data (the paper, ``positives="data"``) or the backbone's 
 from ``fl.langevin`` with the Gaussian prior, started from fresh N(0, I) draws every step (non-persistent), ε = 0.01,
 60 steps (the paper's App. B.2). Early stopping on sample quality: every ``eval_every`` steps the tilted model is
 sampled with the sampling chain (100 steps) and scored against a validation draw (``stop_on``: MMD², energy distance,
-or, for data with known modes, the high-quality share); the best is kept in RUN_DIR/ebm_best.safetensors, the
-latest (with optimizer state, for ``resume``) in RUN_DIR/ebm.safetensors.
+for data with known modes the high-quality share, for images the Fréchet distance on fastlangevin's classifier
+features); the best is kept in RUN_DIR/ebm_best.safetensors, the latest (with optimizer state, for ``resume``) in
+RUN_DIR/ebm.safetensors.
 """
 
 from __future__ import annotations
