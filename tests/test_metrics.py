@@ -205,6 +205,16 @@ def test_cache_folder_comes_from_the_environment(tmp_path, monkeypatch):
     assert classifier.cache_root().parts[-2:] == (".cache", "fastlangevin")
 
 
+def test_in_process_memo_follows_the_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(frechet, "_LOADED", {})
+    reference = make_dataset("digits", split="test")
+    for folder in ("a", "b", "a"):
+        monkeypatch.setenv(classifier.CACHE_ENV, str(tmp_path / folder))
+        FrechetClassifierDistance(reference, config=TINY)
+    assert len(frechet._LOADED) == 2
+    assert [len(list((tmp_path / f / "classifiers").iterdir())) for f in "ab"] == [1, 1]
+
+
 def test_toy_data_has_no_classifier(tmp_path):
     with pytest.raises(ValueError, match="image data sets, not 25gaussians"):
         load_or_train_classifier("25gaussians", cache_dir=tmp_path)

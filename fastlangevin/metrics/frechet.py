@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from fastlangevin.metrics.classifier import ClassifierConfig, FeatureClassifier, load_or_train_classifier
+from fastlangevin.metrics.classifier import ClassifierConfig, FeatureClassifier, cache_root, load_or_train_classifier
 
 
 def _psd_sqrt(sigma: torch.Tensor) -> torch.Tensor:
@@ -68,13 +68,14 @@ def check_images(images: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contain NaN or inf values")
 
 
-# Classifiers loaded in this process, so an evaluation every few training steps costs a forward pass, not a load.
+# Classifiers loaded in this process, so an evaluation every few training steps costs a forward pass, not a load
+# (the training data is not hashed again: files changed under a running process are not noticed).
 _LOADED: dict[tuple, tuple[FeatureClassifier, str]] = {}
 
 
 def _classifier(name: str, data_dir, data_seed: int, config: ClassifierConfig, cache_dir, device: str):
     key = (name, None if data_dir is None else os.path.abspath(os.fspath(data_dir)), data_seed, config,
-           None if cache_dir is None else os.path.abspath(os.fspath(cache_dir)), str(device))
+           cache_root(cache_dir).resolve(), str(device))
     if key not in _LOADED:
         model, accuracy = load_or_train_classifier(name, data_dir, data_seed=data_seed, config=config,
                                                    cache_dir=cache_dir, device=device)
