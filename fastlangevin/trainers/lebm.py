@@ -126,16 +126,17 @@ def _train_step(net, optimizer, chains, s, step, x) -> dict:
     return {**{k: v.item() for k, v in terms.items()}, "energy_loss": loss_e.item(), "energy_gap": -loss_e.item()}
 
 
-def _evaluate(net, chains, s, step, test_set, z0, z_base, x_test, bandwidths) -> dict:
+def _evaluate(net, chains, s, step, test_set, z0, z_base, x_test, bandwidths, data_dir) -> dict:
     """Sample quality of the EBM prior (prior chain from z0) and of p_β alone (z_base), and the test images'
-    posterior reconstruction error (mean ‖x − G(z⁺)‖² per image)."""
+    posterior reconstruction error (mean ‖x − G(z⁺)‖² per image). The Fréchet distance's classifier trains on the
+    run's training split (``data_seed``)."""
     z_ebm = _prior_chain(net, chains, s, step, z0, index=2)
     z_post = _posterior(net, chains, s, step, x_test, z0[: len(x_test)], index=3)
     with torch.no_grad():
         x_ebm, x_base = net.generate(z_ebm), net.generate(z_base)
         reconstruction = net.squared_error(x_test, z_post).mean().item()
-    ebm = sample_quality(x_ebm, test_set, bandwidths)
-    base = sample_quality(x_base, test_set, ebm["mmd_bandwidths"])
+    ebm = sample_quality(x_ebm, test_set, bandwidths, data_dir=data_dir, data_seed=s["seed"])
+    base = sample_quality(x_base, test_set, ebm["mmd_bandwidths"], data_dir=data_dir, data_seed=s["seed"])
     return {"ebm_prior": ebm, "gaussian_prior": base, "test_reconstruction_sse": reconstruction}
 
 
@@ -222,12 +223,13 @@ def train_lebm(model: str, data: str, out: str | os.PathLike, *, steps: int | No
         if (step + 1) % s["eval_every"] == 0 or step + 1 == s["steps"]:
             chain_seconds = chains.timer.seconds  # evaluation chains are not training time
             entry = {"step": step + 1, **last,
-                     **_evaluate(net, chains, s, step, test_set, z_eval, z_base, x_test, bandwidths)}
+                     **_evaluate(net, chains, s, step, test_set, z_eval, z_base, x_test, bandwidths, data_dir)}
             chains.timer.seconds = chain_seconds
             bandwidths = entry["ebm_prior"]["mmd_bandwidths"]
             history.append(entry)
-            bar.write(f"step {step + 1}: mmd2 EBM prior {entry['ebm_prior']['mmd2']:.5f} vs Gaussian prior "
-                      f"{entry['gaussian_prior']['mmd2']:.5f}; test reconstruction SSE "
+            metric = "frechet_distance" if "frechet_distance" in entry["ebm_prior"] else "mmd2"
+            bar.write(f"step {step + 1}: {metric} EBM prior {entry['ebm_prior'][metric]:.5g} vs Gaussian prior "
+                      f"{entry['gaussian_prior'][metric]:.5g}; test reconstruction SSE "
                       f"{entry['test_reconstruction_sse']:.3f}")
         if (step + 1) % s["checkpoint_every"] == 0 or step + 1 == s["steps"]:
             save_checkpoint(ckpt_path, net, optimizer, step + 1, extra={"model": model})
