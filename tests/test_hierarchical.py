@@ -109,8 +109,11 @@ def test_kl_terms_match_torch_distributions(tiny):
     post = vae.posterior(x)
     assert len(post.kl) == 3 and all(k.shape == (4,) and (k >= 0).all() for k in post.kl)
     torch.testing.assert_close(terms["kl_groups"], torch.stack([k.mean() for k in post.kl]), **TOL)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(post.logits, x, reduction="sum") / 4
-    torch.testing.assert_close(terms["loss"], bce + terms["kl"], **TOL)
+    log_lik = torch.distributions.Normal(torch.sigmoid(post.logits), 0.15).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(terms["loss"], -log_lik.mean() + terms["kl"], **TOL)
+    bernoulli = perturbed(HierarchicalVAE(**TINY, decoder="bernoulli"))
+    expected = -torch.nn.functional.binary_cross_entropy_with_logits(post.logits, x, reduction="none").sum((1, 2, 3))
+    torch.testing.assert_close(bernoulli.log_likelihood(x, post.logits), expected, **TOL)
 
 
 def test_epsilon_energy_and_its_drift_match_plain_autograd(tiny):
@@ -186,6 +189,8 @@ def test_param_factor_configs_hit_their_targets():
 
 def test_bad_input_is_named(tiny):
     vae, ebm = tiny
+    with pytest.raises(ValueError, match="decoder"):
+        HierarchicalVAE(decoder="logistic")
     with pytest.raises(ValueError, match="power of two"):
         HierarchicalVAE(data_shape=(1, 7, 7))
     with pytest.raises(ValueError, match="latent_channels"):

@@ -26,6 +26,8 @@ from fastlangevin.energies import MLPEnergy
 SOFT_CLAMP = 5.0  # NVAE's bound on μ and log σ
 SIGMA_FLOOR = 0.01  # NVAE's σ = exp(log σ) + 0.01
 VARIANTS = ("paper", "code")
+DECODERS = ("gaussian", "bernoulli")
+LLHD_SIGMA = 0.15  # p(x|z) = N(sigmoid(logits), 0.15²) on [0, 1] pixels: LEBM's σ = 0.3 on [−1, 1]
 
 
 def soft_clamp(x: torch.Tensor, bound: float = SOFT_CLAMP) -> torch.Tensor:
@@ -95,8 +97,10 @@ def _up(channels: int) -> nn.Sequential:
 
 class HierarchicalVAE(nn.Module):
     """NVAE-style hierarchical VAE on images (C, S, S), S a power of two: a bottom-up encoder, a top-down decoder,
-    ``len(latent_channels)`` latent groups (group i: latent_channels[i] × 2**i × 2**i), Bernoulli decoder on [0, 1]
-    pixels (binary cross-entropy with logits, as the repository's VAE: a pseudo-likelihood for grey levels).
+    ``len(latent_channels)`` latent groups (group i: latent_channels[i] × 2**i × 2**i). Decoder on [0, 1] pixels:
+    ``"gaussian"`` (default), N(sigmoid(logits), obs_std²) with a fixed std (0.15, as the LEBM trainer), or
+    ``"bernoulli"`` (binary cross-entropy with logits, as the repository's VAE: a pseudo-likelihood for grey levels,
+    with which this VAE leaves its upper groups unused on the digits, KL ≈ 0).
 
     channels: the width of every cell; n_cells: residual cells per resolution. The posterior is NVAE's residual
     parametrisation: q(z_i | x, z_<i) has the raw (μ̃, s̃) of the prior plus a correction from the encoder.
@@ -105,8 +109,13 @@ class HierarchicalVAE(nn.Module):
     name = "hvae"
 
     def __init__(self, data_shape=(1, 8, 8), latent_channels: Sequence[int] = (8, 4, 2), channels: int = 32,
-                 n_cells: int = 1):
+                 n_cells: int = 1, decoder: str = "gaussian", obs_std: float = LLHD_SIGMA):
         super().__init__()
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        if not 0 < obs_std < math.inf:
+            raise ValueError(f"obs_std must be a finite float > 0, got {obs_std!r}")
+        self.decoder, self.obs_std = decoder, float(obs_std)
         data_shape = tuple(int(d) for d in data_shape)
         if len(data_shape) != 3 or data_shape[1] != data_shape[2] or data_shape[1] & (data_shape[1] - 1):
             raise ValueError(f"data_shape must be (C, S, S) with S a power of two (e.g. (1, 8, 8)), got {data_shape}")
@@ -118,7 +127,7 @@ class HierarchicalVAE(nn.Module):
         if channels < 1 or n_cells < 0:
             raise ValueError(f"channels must be >= 1 and n_cells >= 0, got channels={channels}, n_cells={n_cells}")
         self.config = dict(data_shape=list(data_shape), latent_channels=list(latent_channels), channels=channels,
-                           n_cells=n_cells)
+                           n_cells=n_cells, decoder=decoder, obs_std=self.obs_std)
         self.data_shape = data_shape
         self.group_shapes = [(c, 2 ** i, 2 ** i) for i, c in enumerate(latent_channels)]
         self.group_dims = [math.prod(s) for s in self.group_shapes]
@@ -264,14 +273,28 @@ class HierarchicalVAE(nn.Module):
         zs, _, logits = self._top_down(pick, x.shape[0])
         return Posterior(zs, kls, logits)
 
+    def log_likelihood(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) for the decoder's ``logits`` (B, *data_shape), summed over pixels: (B,)."""
+        if self.decoder == "bernoulli":
+            return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+        error = ((x - torch.sigmoid(logits)) / self.obs_std).pow(2).flatten(1).sum(1)
+        return -0.5 * error - math.prod(self.data_shape) * (math.log(self.obs_std) + 0.5 * math.log(2 * math.pi))
+
     def loss_terms(self, x: torch.Tensor, kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
-        """The negative ELBO (nats per sample; KL scaled by ``kl_weight`` for a warm-up): {"loss", "reconstruction"
-        (−log p(x|z), binary cross-entropy summed over pixels), "kl" (Σ_i KL_i), "kl_groups" (G,)}, batch means."""
+        """The negative ELBO (nats per sample; KL scaled by ``kl_weight`` for a warm-up, and while ``kl_weight < 1``
+        balanced across groups as NVAE: group i weighted ∝ (KL_i + 0.01)/(h_i·w_i), mean weight 1): {"loss",
+        "reconstruction"
+        (−log p(x|z)), "kl" (Σ_i KL_i), "kl_groups" (G,)}, batch means."""
         post = self.posterior(x)
-        reconstruction = F.binary_cross_entropy_with_logits(post.logits, x, reduction="none").flatten(1).sum(1).mean()
+        reconstruction = -self.log_likelihood(x, post.logits).mean()
         kl_groups = torch.stack([kl.mean() for kl in post.kl])
         kl = kl_groups.sum()
-        return {"loss": reconstruction + kl_weight * kl, "reconstruction": reconstruction, "kl": kl,
+        penalty = kl
+        if kl_weight < 1:  # NVAE's KL balancing during the warm-up: groups with little KL are penalised less
+            spatial = torch.tensor([h * w for _, h, w in self.group_shapes], dtype=kl.dtype, device=kl.device)
+            coeff = (kl_groups.detach().abs() + 0.01) / spatial
+            penalty = (kl_groups * coeff / coeff.mean()).sum()
+        return {"loss": reconstruction + kl_weight * penalty, "reconstruction": reconstruction, "kl": kl,
                 "kl_groups": kl_groups}
 
 

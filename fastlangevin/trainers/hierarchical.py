@@ -364,8 +364,8 @@ def train_joint(data: str, out: str | os.PathLike, *, init_from: str | None = No
         else:
             post = vae.posterior(x)
             f_pos = ebm.per_group(post.z)
-            rec = torch.nn.functional.binary_cross_entropy_with_logits(post.logits, x, reduction="none")
-            terms = {"reconstruction": rec.flatten(1).sum(1).mean(), "kl": torch.stack(post.kl, 1).sum(1).mean()}
+            terms = {"reconstruction": -vae.log_likelihood(x, post.logits).mean(),
+                     "kl": torch.stack(post.kl, 1).sum(1).mean()}
             log_z = f_neg.sum(1).mean() + vae.prior_log_prob(z_neg).mean()  # ∇: E_p[∇f] and E_p[∇ log p_β]
             loss = terms["reconstruction"] + terms["kl"] - f_pos.sum(1).mean() + log_z
         _check_finite(loss.item(), "the loss", step, "lower --lr-e or --prior-step-size")
