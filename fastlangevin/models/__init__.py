@@ -8,6 +8,7 @@ from fastlangevin.models.flows import ActNorm, AffineCoupling, FlowSequence, Inv
     flow_step
 from fastlangevin.models.glf import GLF
 from fastlangevin.models.glow import Glow, MultiScaleFlow, SplitPrior
+from fastlangevin.models.hierarchical import EpsilonEnergy, HierarchicalVAE, JointEBMPrior
 from fastlangevin.models.lebm import JointLatentEBM, LatentEBM, VariationalLatentEBM, make_prior_model
 from fastlangevin.models.vae import VAE
 
@@ -24,5 +25,6 @@ def make_model(name: str, **config) -> LatentGenerativeModel:
 __all__ = [
     "MODELS", "make_model", "LatentGenerativeModel", "VAE", "Glow", "GLF", "ActNorm", "InvertibleLinear",
     "AffineCoupling", "Squeeze", "FlowSequence", "flow_step", "VectorFlow", "SplitPrior", "MultiScaleFlow",
+    "HierarchicalVAE", "JointEBMPrior", "EpsilonEnergy",
     "LatentEBM", "VariationalLatentEBM", "JointLatentEBM", "make_prior_model",
 ]
