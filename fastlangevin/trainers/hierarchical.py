@@ -16,7 +16,7 @@ EpsilonEnergy, ε_0, prior_steps, prior_step_size, prior="normal")``; positives 
   (z⁻ detached) gives α the gradient E_{p}[∇f] and β the gradient E_{p}[∇ log p_β(z)].
 
 Optimisers: one Adam param group per latent group's EBM (as the reference's one Adam per EBM; Adam is
-per-parameter, so the two are the same), lr_e 1e-3, betas (0.99, 0.999), weight decay 3e-5 (the reference: lr 2e-5
+per-parameter, so the two are the same), lr_e 5e-3, betas (0.99, 0.999), weight decay 3e-5 (the reference: lr 2e-5
 to 1e-4 on GPUs for thousands of iterations; the CPU budget here is hundreds); the VAE Adam(lr_g, (0.9, 0.999)).
 
 RUN_DIR: config.json {"vae", "ebm"}, vae.safetensors (the VAE + Adam, step), ebm.safetensors (VAE and EBMs + Adam,
@@ -139,7 +139,7 @@ def _figures(out, vae, ebm, test_set, samples, n_steps: int, step_size: float, v
     columns += [resample_lower(vae, ebm, x, keep, n_steps, step_size, variant=variant, seed=seed + keep,
                                sampler=sampler)[1].cpu() for keep in range(groups - 1, -1, -1)]
     grid = torch.stack(columns, 1).flatten(0, 1)
-    plot_panels([(f"data | recon. | top {groups - 1}..0 groups kept, rest re-sampled", grid)],
+    plot_panels([(f"data | recon. | top {groups - 1}..0 groups kept", grid)],
                 os.path.join(out, "hierarchical_resampling.png"), n_cols=len(columns))
     if ebm is not None:
         at_steps = sorted({0, n_steps // 4, n_steps // 2, n_steps, 2 * n_steps})
@@ -277,7 +277,7 @@ def _adopt_vae(init_from, out) -> None:
 
 
 def train_joint(data: str, out: str | os.PathLike, *, init_from: str | None = None, scheme: str = "two-stage",
-                steps: int = 300, batch_size: int = 64, lr_e: float = 1e-3, lr_g: float = 1e-4,
+                steps: int = 200, batch_size: int = 64, lr_e: float = 5e-3, lr_g: float = 1e-4,
                 betas: tuple[float, float] = (0.99, 0.999), weight_decay: float = 3e-5, energy_width: int = 32,
                 energy_layers: int = 2, prior_steps: int = 20, prior_step_size: float = 0.05,
                 sample_steps: int | None = None, variant: str = "paper", sampler: str = "library", seed: int = 0,
