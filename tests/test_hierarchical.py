@@ -15,7 +15,7 @@ import fastlangevin as fl
 from fastlangevin.models.hierarchical import EpsilonEnergy, Gaussian, HierarchicalVAE, JointEBMPrior, \
     channels_for_params
 from fastlangevin.trainers import commands, load_checkpoint
-from fastlangevin.trainers.hierarchical import resample_lower, sample_epsilon, train_hierarchical
+from fastlangevin.trainers.hierarchical import generate, load_run, resample_lower, sample_epsilon, train_hierarchical
 
 TINY = dict(data_shape=(1, 8, 8), latent_channels=(2, 2, 1), channels=8, n_cells=1)
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -245,6 +245,9 @@ def test_joint_run_directory_and_resume(runs, tmp_path):
     metrics = json.loads((j / "metrics.json").read_text())["ebm_training"]
     assert 0 < metrics["chain_seconds"] <= metrics["seconds"] and metrics["sampler"] == "library"
     assert [h["step"] for h in metrics["history"]] == [3]
+    vae, ebm, _ = load_run(j)
+    assert ebm is not None and not any(p.requires_grad for p in ebm.parameters())
+    assert generate(vae, ebm, 5, 2, 0.05).shape == (5, 1, 8, 8)
     # resume: continue to 5 steps from the step-3 checkpoint; the frozen VAE is untouched
     vae_before = load_checkpoint(j / "vae.safetensors")
     commands.main(["train-prior", "joint", "--out", str(j), "--data", "digits", "--steps", "5", "--resume"])
