@@ -219,8 +219,8 @@ def train_gaussian(data: str, out: str | os.PathLike, *, steps: int = 1500, batc
         model_config["data_shape"] = list(train_set.sample_shape)
         if param_factor is not None:
             model_config["channels"] = channels_for_params(param_factor, **model_config)
-    vae_config["model_config"] = model_config
     vae = HierarchicalVAE(**model_config).to(device)
+    vae_config["model_config"] = vae.config  # every constructor argument, defaults included
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr_g)
     start = load_checkpoint(ckpt_path, vae, optimizer, restore_rng=True)["step"] if resume else 0
     config = read_json(config_path) if os.path.exists(config_path) else {}
