@@ -19,6 +19,8 @@ _WHERE = {
     "run_chain": "chains", "eager_langevin": "chains", "ChainTimer": "chains", "SAMPLERS": "chains",
     "train_lebm": "lebm",
     "train_hierarchical": "hierarchical",
+    "train_pixel_ebm": "pixel_ebm", "sample_pixel_run": "pixel_ebm", "evaluate_pixel_run": "pixel_ebm",
+    "format_pixel_evaluation": "pixel_ebm", "is_pixel_run": "pixel_ebm", "load_pixel_ebm": "pixel_ebm",
 }
 
 __all__ = sorted(_WHERE)

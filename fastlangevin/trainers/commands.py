@@ -13,7 +13,7 @@ import io
 import json
 import os
 
-COMMANDS = ("train-base", "tilt", "sample", "evaluate", "train-prior")
+COMMANDS = ("train-base", "tilt", "sample", "evaluate", "train-prior", "train-pixel-ebm")
 # train-prior MODEL -> its trainer in fastlangevin.trainers, called as fn(model, data, out, **the flags given);
 # flags default to None, so each trainer fills in its own model's defaults.
 PRIOR_MODELS = {
@@ -80,6 +80,46 @@ def add_commands(subparsers) -> None:
         p.add_argument("--device", default="cpu")
 
     _add_train_prior(subparsers)
+    _add_train_pixel_ebm(subparsers)
+
+
+def _add_train_pixel_ebm(subparsers) -> None:
+    """``train-pixel-ebm``: flags default to None, so ``train_pixel_ebm``'s own defaults apply."""
+    p = subparsers.add_parser("train-pixel-ebm", help="the pixel-space EBM baseline (IGEBM: Langevin in pixel space, "
+                                                      "persistent chains in a replay buffer)")
+    p.add_argument("--data", required=True, help="digits, mnist, fashion-mnist, cifar10")
+    p.add_argument("--data-dir", default=None, help="folder of the mnist / fashion-mnist / cifar10 files")
+    p.add_argument("--out", required=True, help="the run directory (created)")
+    for flag, kind, helptext in (
+            ("--steps", int, "training steps (2000)"), ("--batch-size", int, "chains and data per step (64)"),
+            ("--lr", float, "Adam learning rate (1e-4)"), ("--beta1", float, "Adam beta1 (0.0; beta2 0.999)"),
+            ("--n-steps", int, "Langevin steps per training step (40)"),
+            ("--step-size", float, "Langevin step size epsilon; noise sqrt(epsilon) (1e-4)"),
+            ("--temperature", float, "chains sample exp(-E/T) (1e-3)"),
+            ("--sample-steps", int, "Langevin steps of the evaluation chains from noise (default --n-steps)"),
+            ("--reg", float, "energy regulariser reg*(mean E+^2 + mean E-^2) (1.0)"),
+            ("--buffer-size", int, "replay buffer entries (10000)"),
+            ("--reinit", float, "probability of restarting a chain from uniform noise (0.05)"),
+            ("--energy-width", int, "ConvEnergy channels (32)"), ("--energy-depth", int, "blocks per stage (2)"),
+            ("--eval-every", int, "steps between early-stopping evaluations (100)"),
+            ("--n-eval", int, "samples per evaluation (1000)"),
+            ("--patience", int, "stop after this many evaluations without improvement (default: run all steps)"),
+            ("--seed", int, "(0)"), ("--n-train", int, "keep the first n training images")):
+        p.add_argument(flag, type=kind, default=None, help=helptext)
+    p.add_argument("--stop-on", choices=("mmd2", "energy_distance", "frechet_distance"), default=None,
+                   help="validation metric that picks the best model (mmd2)")
+    p.add_argument("--sampler", choices=("library", "eager"), default=None,
+                   help="training chains: fl.langevin or the hand-written loop (chain-cost comparisons)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from RUN_DIR/pixel_ebm.safetensors")
+    p.add_argument("--device", default=None)
+
+
+def _run_pixel_ebm(args: argparse.Namespace) -> dict:
+    from fastlangevin import trainers
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "data", "out", "beta1") and v is not None}
+    if args.beta1 is not None:
+        options["betas"] = (args.beta1, 0.999)
+    return trainers.train_pixel_ebm(args.data, args.out, **options)
 
 
 def _add_train_prior(subparsers) -> None:
@@ -177,11 +217,19 @@ def _dispatch(args: argparse.Namespace) -> bool:
     elif args.command == "train-prior":
         metrics = _run_train_prior(args)
         print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
+    elif args.command == "train-pixel-ebm":
+        best = _run_pixel_ebm(args)["best"]
+        print(f"best validation {best['metric']} {best['value']:.5g} at step {best['step']}")
     elif args.command == "sample":
-        path = trainers.sample_run(args.run_dir, n=args.n, seed=args.seed, n_steps=args.n_steps, which=args.which,
-                                   device=args.device)
+        sample = trainers.sample_pixel_run if trainers.is_pixel_run(args.run_dir) else trainers.sample_run
+        path = sample(args.run_dir, n=args.n, seed=args.seed, n_steps=args.n_steps, which=args.which,
+                      device=args.device)
         if path:
             print(f"wrote {path}")
+    elif trainers.is_pixel_run(args.run_dir):
+        result = trainers.evaluate_pixel_run(args.run_dir, n=args.n, seed=args.seed, n_steps=args.n_steps,
+                                             which=args.which, device=args.device)
+        print(trainers.format_pixel_evaluation(result))
     else:
         result = trainers.evaluate_run(args.run_dir, n=args.n, seed=args.seed, n_steps=args.n_steps,
                                        which=args.which, device=args.device)

@@ -96,6 +96,14 @@ class DistributedContext:
         t /= self.world_size
         return t.item() if not isinstance(x, torch.Tensor) else t.to(x.device)
 
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The global batch from every rank's rows x (B/N, ...), in rank order: the inverse of ``shard``."""
+        if not self.distributed:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
     def broadcast(self, obj):
         """Rank 0's ``obj`` (any picklable value) on every rank."""
         if not self.distributed:

@@ -54,14 +54,54 @@ def sample_tilted(base, energy, z0: torch.Tensor, n_steps: int, step_size: float
     return torch.cat(out)
 
 
-def _validation_set(base_config: dict, n: int):
+def validation_set(name: str, data_dir: str | None, seed: int, n: int):
     """Held-out data for early stopping, kept apart from the test split that ``evaluate`` reports on: an
     independent draw for toys, the last n training samples for the other data sets."""
-    name, data_dir, seed = base_config["data"], base_config["data_dir"], base_config["seed"]
     if name in TOY_DATASETS:
         return make_dataset(name, split="test", seed=seed + 1, n_samples=n)
     train = make_dataset(name, data_dir, "train", seed=seed)
     return train.subset(slice(max(0, len(train) - n), None))
+
+
+class EarlyStopping:
+    """Early stopping on sample quality: ``update(step, quality)`` records an evaluation (``quality``: the dict of
+    ``sample_quality``) and returns whether it is the best so far by ``stop_on`` (a key of ``STOP_ON``);
+    ``stop(step)`` says whether ``patience`` evaluations (``eval_every`` steps apart) went by without a better one
+    (never when ``patience`` is None). ``best`` = {"step", "metric", "value"} (resumable from metrics.json)."""
+
+    def __init__(self, stop_on: str, patience: int | None, eval_every: int, best: dict | None = None):
+        if stop_on not in STOP_ON:
+            raise ValueError(f"stop_on must be one of {tuple(STOP_ON)}, got {stop_on!r}")
+        self.stop_on, self.patience, self.eval_every = stop_on, patience, eval_every
+        self.best = best or {"step": None, "metric": stop_on, "value": None}
+
+    def check_data(self, val_set) -> None:
+        """A clear error when the validation data cannot give ``stop_on``."""
+        if self.stop_on == "high_quality" and val_set.modes is None:
+            raise ValueError(f"stop_on='high_quality' needs data with known modes (25gaussians), not "
+                             f"{val_set.name}; use 'mmd2' or 'energy_distance'")
+        if self.stop_on == "frechet_distance" and len(val_set.sample_shape) != 3:
+            raise ValueError(f"stop_on='frechet_distance' needs image data, not {val_set.name}; use 'mmd2' or "
+                             f"'energy_distance'")
+
+    def update(self, step: int, quality: dict) -> bool:
+        value = quality[self.stop_on]
+        if self.best["value"] is None or STOP_ON[self.stop_on] * (value - self.best["value"]) > 0:
+            self.best = {"step": step, "metric": self.stop_on, "value": value}
+            return True
+        return False
+
+    def stop(self, step: int) -> bool:
+        stalled = self.best["step"] is not None and step - self.best["step"] >= (self.patience or 0) * self.eval_every
+        return self.patience is not None and stalled
+
+    def describe(self, step: int, quality: dict) -> str:
+        """The progress line of an evaluation."""
+        modes = (f", high-quality {quality['high_quality']:.1%}, modes {quality['modes_covered']}/{quality['n_modes']}"
+                 if "high_quality" in quality else "")
+        fcd = f", fcd {quality['frechet_distance']:.5g}" if "frechet_distance" in quality else ""
+        return (f"step {step}: validation mmd2 {quality['mmd2']:.5f}, energy distance {quality['energy_distance']:.5f}"
+                f"{modes}{fcd} (best {self.stop_on} {self.best['value']:.5g} at step {self.best['step']})")
 
 
 def load_energy(run_dir, data_shape, tilt_config: dict, which: str = "best", device="cpu"):
@@ -90,8 +130,6 @@ def train_tilt(run_dir: str | os.PathLike, *, steps: int = 500, batch_size: int 
     the run directory and decides when to stop."""
     if positives not in POSITIVES:
         raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
-    if stop_on not in STOP_ON:
-        raise ValueError(f"stop_on must be one of {tuple(STOP_ON)}, got {stop_on!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     with distributed.setup(device) as ctx:
@@ -119,16 +157,12 @@ def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_si
         eval_every, n_eval, steps = saved["eval_every"], saved["n_eval"], max(steps, saved["steps"])
         patience, stop_on = saved.get("patience"), saved.get("stop_on", "mmd2")
     ctx.check_batch(batch_size)
+    stopping = EarlyStopping(stop_on, patience, eval_every)
     torch.manual_seed(seed)
     b = config["base"]
     train_set = make_dataset(b["data"], b["data_dir"], "train", seed=b["seed"], n_samples=b["n_train"])
-    val_set = _validation_set(b, n_eval)
-    if stop_on == "high_quality" and val_set.modes is None:
-        raise ValueError(f"stop_on='high_quality' needs data with known modes (25gaussians), not {b['data']}; "
-                         f"use 'mmd2' or 'energy_distance'")
-    if stop_on == "frechet_distance" and len(val_set.sample_shape) != 3:
-        raise ValueError(f"stop_on='frechet_distance' needs image data, not {b['data']}; use 'mmd2' or "
-                         f"'energy_distance'")
+    val_set = validation_set(b["data"], b["data_dir"], b["seed"], n_eval)
+    stopping.check_data(val_set)
     x_train = train_set.tensors()[0]
     energy = make_energy(base.data_shape, energy_width, energy_depth).to(device)
     tilt_config = dict(steps=steps, batch_size=batch_size, lr=lr, betas=list(betas), n_steps=n_steps,
@@ -138,11 +172,11 @@ def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_si
     optimizer = torch.optim.Adam(energy.parameters(), lr=lr, betas=tuple(betas))
     metrics_path = os.path.join(run_dir, "metrics.json")
     all_metrics = read_json(metrics_path) if os.path.exists(metrics_path) else {}
-    start, history, best = 0, [], {"step": None, "metric": stop_on, "value": None}
+    start, history = 0, []
     if resume:
         start = load_checkpoint(os.path.join(run_dir, EBM_LAST), energy, optimizer)["step"]
         previous = all_metrics.get("tilt_training", {})
-        history, best = previous.get("history", []), previous.get("best", best)
+        history, stopping.best = previous.get("history", []), previous.get("best", stopping.best)
         if ctx.is_main:
             print(f"resuming tilt from step {start} of {steps}")
     config["tilt"] = tilt_config
@@ -152,7 +186,7 @@ def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_si
 
     # Fixed starting points for the validation chains, so successive evaluations compare energies, not noise.
     z_val = torch.randn(len(val_set), base.latent_dim, generator=torch.Generator().manual_seed(seed + 7)).to(device)
-    bandwidths, metrics = None, all_metrics.get("tilt_training", {"history": history, "best": best})
+    bandwidths, metrics = None, all_metrics.get("tilt_training", {"history": history, "best": stopping.best})
     timer, begin = ChainTimer(device), time.perf_counter()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="tilt", disable=not (progress and ctx.is_main),
                mininterval=2.0, dynamic_ncols=True)
@@ -190,24 +224,17 @@ def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_si
                 entry = {"step": step + 1, "loss": loss_value, "energy_gap": gap, **quality}
                 entry.pop("mmd_bandwidths")
                 history.append(entry)
-                value = quality[stop_on]
-                if best["value"] is None or STOP_ON[stop_on] * (value - best["value"]) > 0:
-                    best = {"step": step + 1, "metric": stop_on, "value": value}
-                    save_checkpoint(os.path.join(run_dir, EBM_BEST), energy, None, step + 1, extra={stop_on: value})
+                if stopping.update(step + 1, quality):
+                    save_checkpoint(os.path.join(run_dir, EBM_BEST), energy, None, step + 1,
+                                    extra={stop_on: quality[stop_on]})
                 save_checkpoint(os.path.join(run_dir, EBM_LAST), energy, optimizer, step + 1)
-                bar.write(f"step {step + 1}: validation mmd2 {quality['mmd2']:.5f}, energy distance "
-                          f"{quality['energy_distance']:.5f}" + (
-                              f", high-quality {quality['high_quality']:.1%}, modes "
-                              f"{quality['modes_covered']}/{quality['n_modes']}" if "high_quality" in quality else "")
-                          + (f", fcd {quality['frechet_distance']:.5g}" if "frechet_distance" in quality else "")
-                          + f" (best {stop_on} {best['value']:.5g} at step {best['step']})")
-                metrics = {"history": history, "best": best, "seconds": time.perf_counter() - begin,
+                bar.write(stopping.describe(step + 1, quality))
+                metrics = {"history": history, "best": stopping.best, "seconds": time.perf_counter() - begin,
                            "chain_seconds": timer.seconds, "positives": positives, "sampler": sampler,
                            "world_size": ctx.world_size}
                 all_metrics["tilt_training"] = metrics
                 write_json(metrics_path, all_metrics)
-                stalled = best["step"] is not None and step + 1 - best["step"] >= (patience or 0) * eval_every
-                stop = patience is not None and stalled
+                stop = stopping.stop(step + 1)
                 if stop:
                     bar.write(f"early stop at step {step + 1}: no better validation {stop_on} in {patience} "
                               f"evaluations")
