@@ -236,7 +236,7 @@ def train_lebm(model: str, data: str, out: str | os.PathLike, *, steps: int | No
             all_metrics["prior_training"] = _summary(s, history, train_seconds, chains.timer.seconds, step + 1)
             write_json(metrics_path, all_metrics)
     bar.close()
-    _plots(net, chains, s, test_set, out, latent_plot)
+    _plots(net, chains, s, train_set, test_set, out, latent_plot)
     return all_metrics.get("prior_training", _summary(s, history, train_seconds, chains.timer.seconds, start))
 
 
@@ -261,7 +261,7 @@ def chain_snapshots(net, chains, s, z0: torch.Tensor, at_steps) -> list[tuple[in
     return out
 
 
-def _plots(net, chains, s, test_set, out, latent_plot: bool) -> None:
+def _plots(net, chains, s, train_set, test_set, out, latent_plot: bool) -> None:
     """samples.png (G(z₀) vs G(z_K) of the prior chain, p_β samples, data), reconstructions.png (test images and
     G of their posterior latents), langevin_transition.png (8 prior chains as rows) and, if asked, latents.png."""
     device = next(net.parameters()).device
@@ -286,15 +286,16 @@ def _plots(net, chains, s, test_set, out, latent_plot: bool) -> None:
     plot_panels([(f"prior chains at steps {', '.join(map(str, at_steps))}", grid)],
                 os.path.join(out, "langevin_transition.png"), n_cols=len(at_steps))
     if latent_plot:
-        latent_figure(net, chains, s, test_set, os.path.join(out, "latents.png"))
+        latent_figure(net, chains, s, train_set, os.path.join(out, "latents.png"))
 
 
-def latent_figure(net, chains, s, test_set, path, n: int = 500) -> str:
+def latent_figure(net, chains, s, dataset, path, n: int = 500) -> str:
     """The papers' latent visualisation: a row per latent layer (z₁, z₂), columns prior chain start / end and
-    posterior chain start / end (posterior points coloured by the digit's label); first two coordinates."""
+    posterior chain start / end for the first ``n`` images of ``dataset`` (coloured by label); first two
+    coordinates of each layer."""
     device = next(net.parameters()).device
     g = torch.Generator().manual_seed(s["seed"] + 17)
-    x, labels = (t[:n] for t in test_set.tensors())
+    x, labels = (t[:n] for t in dataset.tensors())
     z_prior0, z_post0 = net.initial_latents(len(x), g, device), net.initial_latents(len(x), g, device)
     columns = [("prior z0", z_prior0, None), (f"prior zK ({s['prior_steps']} steps)",
                                                _prior_chain(net, chains, s, s["steps"], z_prior0, index=2), None)]
@@ -309,8 +310,14 @@ def latent_figure(net, chains, s, test_set, path, n: int = 500) -> str:
     for col, (title, z, colour) in enumerate(columns):
         for row, part in enumerate(z.detach().cpu().split(layers, dim=1)):
             ax = axes[row][col]
-            ax.scatter(part[:, 0], part[:, min(1, part.shape[1] - 1)], s=3, alpha=0.5,
-                       c=None if colour is None else colour.numpy(), cmap=None if colour is None else "tab10")
+            y = part[:, min(1, part.shape[1] - 1)]
+            if colour is None:
+                ax.scatter(part[:, 0], y, s=3, alpha=0.5)
+            else:
+                for label in colour.unique().tolist():
+                    pick = colour == label
+                    ax.scatter(part[pick, 0], y[pick], s=3, alpha=0.6, color=f"C{label % 10}", label=str(label))
+                ax.legend(fontsize=7, markerscale=3, loc="upper right")
             ax.set_title(f"{title}: z{row + 1}" if len(layers) > 1 else title, fontsize=9)
             ax.set_aspect("equal", adjustable="datalim")
     fig.tight_layout()
