@@ -14,9 +14,12 @@ import torch
 from fastlangevin.models import make_model
 from fastlangevin.trainers import distributed, load_checkpoint, train_base
 from fastlangevin.trainers.distributed import DistributedContext, MethodAsForward
+from fastlangevin.trainers.pixel_ebm import PixelEBM
 
 BASE = ["--data", "25gaussians", "--steps", "6", "--batch-size", "32", "--n-train", "256", "--width", "16",
         "--checkpoint-every", "3"]
+PIXEL = ["--steps", "3", "--batch-size", "8", "--n-steps", "3", "--buffer-size", "100", "--energy-width", "4",
+         "--energy-depth", "1", "--eval-every", "3", "--n-eval", "20"]
 TILT = ["--steps", "4", "--batch-size", "32", "--n-steps", "5", "--sample-steps", "5", "--eval-every", "2",
         "--n-eval", "200", "--energy-width", "16", "--energy-depth", "2", "--patience", "1"]
 
@@ -25,7 +28,8 @@ TILT = ["--steps", "4", "--batch-size", "32", "--n-steps", "5", "--sample-steps"
 WORKER = textwrap.dedent("""
     import os, sys, json, torch
     from fastlangevin import cli
-    from fastlangevin.trainers import base, checkpoint, quality, tilt
+    from fastlangevin.metrics import classifier, frechet
+    from fastlangevin.trainers import base, checkpoint, pixel_ebm, quality, tilt
 
     rank, out = int(os.environ["RANK"]), sys.argv[1]
     writes, modules = [], {}
@@ -52,8 +56,12 @@ WORKER = textwrap.dedent("""
     torch.optim.Adam.step = keep_gradients
     checkpoint.atomic_write_bytes = spy(checkpoint.atomic_write_bytes, 0)
     base.plot_panels = spy(quality.plot_panels, 1)
+    pixel_ebm.plot_panels = spy(quality.plot_panels, 1)
     base.make_model = keep("base", base.make_model)
     tilt.make_energy = keep("energy", tilt.make_energy)
+    pixel_ebm.PixelEBM = keep("pixel", pixel_ebm.PixelEBM)
+    # a tiny Fréchet classifier: this checks the plumbing, not the metric
+    frechet.ClassifierConfig = lambda: classifier.ClassifierConfig(width=4, feature_dim=8, min_steps=20, epochs=0.1)
     for model in ("glf", "vae"):
         run = os.path.join(out, model)
         cli.main(["train-base", model, "--out", run, *json.loads(sys.argv[2])])
@@ -62,20 +70,22 @@ WORKER = textwrap.dedent("""
         torch.save({k: m if k == "grads" else m.state_dict() for k, m in modules.items()},
                    os.path.join(out, f"{model}_rank{rank}.pt"))
         modules.clear()
+    cli.main(["train-pixel-ebm", "--data", "digits", "--out", os.path.join(out, "pixel"), *json.loads(sys.argv[4])])
+    torch.save({"pixel": modules["pixel"].state_dict()}, os.path.join(out, f"pixel_rank{rank}.pt"))
     json.dump(writes, open(os.path.join(out, f"writes_rank{rank}.json"), "w"))
 """)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """train-base glf + tilt, then train-base vae, with two processes (torchrun, gloo)."""
+    """train-base glf + tilt, train-base vae, train-pixel-ebm, with two processes (torchrun, gloo)."""
     pytest.importorskip("matplotlib")
     out = tmp_path_factory.mktemp("ddp")
     worker = out / "worker.py"
     worker.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                               str(worker), str(out), json.dumps(BASE), json.dumps(TILT)],
+                               str(worker), str(out), json.dumps(BASE), json.dumps(TILT), json.dumps(PIXEL)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               start_new_session=True)
     try:
@@ -98,7 +108,7 @@ def test_only_rank_zero_writes_and_prints(two_ranks):
     rank1 = json.loads((out / "writes_rank1.json").read_text())
     assert rank1 == []
     for name in ("config.json", "base.safetensors", "metrics.json", "base_samples.png", "ebm.safetensors",
-                 "ebm_best.safetensors"):
+                 "ebm_best.safetensors", "pixel_ebm.safetensors", "pixel_ebm_samples.png"):
         assert name in rank0, name
     assert stdout.count('"final_loss"') == 2  # one report per train-base run (rank 0's), not one per rank
     metrics = json.loads((out / "glf" / "metrics.json").read_text())
@@ -155,6 +165,20 @@ def test_tilt_ranks_stay_in_sync_and_stop_together(two_ranks):
     steps = [h["step"] for h in tilt["history"]]
     assert steps in ([2], [2, 4]) and load_checkpoint(out / "glf" / "ebm.safetensors")["step"] == steps[-1]
     assert 0 < tilt["chain_seconds"] < tilt["seconds"]
+
+
+def test_pixel_ebm_ranks_share_one_buffer(two_ranks):
+    """Each rank runs 4 of the 8 chains and gathers the others': buffers and energies stay identical, and the
+    buffer changed only where the 3 steps × 8 chains went back."""
+    out, _ = two_ranks
+    r0, r1 = (torch.load(out / f"pixel_rank{r}.pt")["pixel"] for r in (0, 1))
+    for name in r0:
+        torch.testing.assert_close(r0[name], r1[name], rtol=0, atol=0, msg=name)
+    fresh = PixelEBM((1, 8, 8), 4, 1, 100, 0.05, 0).state_dict()["replay.samples"]
+    moved = (r0["replay.samples"] != fresh).flatten(1).any(1).sum().item()
+    assert 8 < moved <= 24  # more than one rank's share of a step: the gathered chains went back too
+    metrics = json.loads((out / "pixel" / "metrics.json").read_text())["pixel_ebm_training"]
+    assert metrics["world_size"] == 2 and [h["step"] for h in metrics["history"]] == [3]
 
 
 # --- the context in one process -------------------------------------------------------------------------------
