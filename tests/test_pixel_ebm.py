@@ -103,9 +103,10 @@ def test_command_writes_the_run_directory(pixel_run):
 
 
 def test_resume_continues_the_buffer(pixel_run, tmp_path):
-    """4 steps, then resume to 6, gives the same energy and buffer as 6 steps in one go."""
+    """4 steps, then resume to 6, gives the same energy and buffer as 6 steps in one go (early stopping on the
+    buffer's quality)."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    options = dict(TINY, eval_every=4, reinit=0.25)
+    options = dict(TINY, eval_every=4, reinit=0.25, stop_from="buffer")
     train_pixel_ebm("digits", whole, **{**options, "steps": 6})
     train_pixel_ebm("digits", split, **options)
     train_pixel_ebm("digits", split, **{**options, "steps": 6}, resume=True)
@@ -115,8 +116,10 @@ def test_resume_continues_the_buffer(pixel_run, tmp_path):
     mb, _, _ = load_pixel_ebm(split, "last")
     for (name, x), y in zip(ma.state_dict().items(), mb.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
-    history = json.loads((split / "metrics.json").read_text())["pixel_ebm_training"]["history"]
-    assert [h["step"] for h in history] == [4, 6]
+    metrics = json.loads((split / "metrics.json").read_text())["pixel_ebm_training"]
+    assert [h["step"] for h in metrics["history"]] == [4, 6]
+    best = min(metrics["history"], key=lambda h: h["buffer"]["mmd2"])
+    assert metrics["best"] == {"step": best["step"], "metric": "mmd2", "value": best["buffer"]["mmd2"]}
 
 
 def test_sample_and_evaluate_a_pixel_run(pixel_run, capsys):
@@ -143,5 +146,7 @@ def test_bad_input(tmp_path):
         train_pixel_ebm("digits", tmp_path, **TINY, sampler="jax")
     with pytest.raises(ValueError, match="stop_on must be one of"):
         train_pixel_ebm("digits", tmp_path, **TINY, stop_on="fid")
+    with pytest.raises(ValueError, match=r"stop_from must be one of \('chains', 'buffer'\), got 'data'"):
+        train_pixel_ebm("digits", tmp_path, **TINY, stop_from="data")
     with pytest.raises(FileNotFoundError, match="--resume: no pixel_ebm.safetensors"):
         train_pixel_ebm("digits", tmp_path / "empty", **TINY, resume=True)

@@ -93,9 +93,9 @@ def _add_train_pixel_ebm(subparsers) -> None:
     for flag, kind, helptext in (
             ("--steps", int, "training steps (2000)"), ("--batch-size", int, "chains and data per step (64)"),
             ("--lr", float, "Adam learning rate (1e-4)"), ("--beta1", float, "Adam beta1 (0.0; beta2 0.999)"),
-            ("--n-steps", int, "Langevin steps per training step (40)"),
+            ("--n-steps", int, "Langevin steps per training step (20)"),
             ("--step-size", float, "Langevin step size epsilon; noise sqrt(epsilon) (1e-4)"),
-            ("--temperature", float, "chains sample exp(-E/T) (1e-3)"),
+            ("--temperature", float, "chains sample exp(-E/T) (1e-4)"),
             ("--sample-steps", int, "Langevin steps of the evaluation chains from noise (default --n-steps)"),
             ("--reg", float, "energy regulariser reg*(mean E+^2 + mean E-^2) (1.0)"),
             ("--buffer-size", int, "replay buffer entries (10000)"),
@@ -108,6 +108,8 @@ def _add_train_pixel_ebm(subparsers) -> None:
         p.add_argument(flag, type=kind, default=None, help=helptext)
     p.add_argument("--stop-on", choices=("mmd2", "energy_distance", "frechet_distance"), default=None,
                    help="validation metric that picks the best model (mmd2)")
+    p.add_argument("--stop-from", choices=("chains", "buffer"), default=None,
+                   help="early stopping on fresh chains from noise (default) or on the replay buffer")
     p.add_argument("--sampler", choices=("library", "eager"), default=None,
                    help="training chains: fl.langevin or the hand-written loop (chain-cost comparisons)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from RUN_DIR/pixel_ebm.safetensors")

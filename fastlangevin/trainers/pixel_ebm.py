@@ -17,8 +17,8 @@ they came from (IGEBM appends to a FIFO buffer and draws at random); no spectral
 data augmentation of the buffer.
 
 Early stopping on sample quality, as ``tilt``: every ``eval_every`` steps fresh chains from U[0, 1] noise run
-``sample_steps`` steps and are scored against a validation draw (the buffer's quality is logged beside); the best
-model is kept.
+``sample_steps`` steps and are scored against a validation draw, and so are ``n_eval`` replay-buffer entries (the
+persistent chains: IGEBM's samples); ``stop_from`` picks which of the two decides, the best model is kept.
 
 RUN_DIR/config.json                 {"pixel_ebm": settings}
 RUN_DIR/pixel_ebm.safetensors       energy + replay buffer + Adam state + step (``resume`` continues the buffer)
@@ -47,6 +47,7 @@ from fastlangevin.trainers.quality import plot_panels, sample_quality
 from fastlangevin.trainers.tilt import EarlyStopping, validation_set
 
 PIXEL_LAST, PIXEL_BEST = "pixel_ebm.safetensors", "pixel_ebm_best.safetensors"
+STOP_FROM = ("chains", "buffer")  # early stopping on fresh chains from noise, or on the replay buffer
 
 
 class ReplayBuffer(nn.Module):
@@ -111,20 +112,22 @@ def sample_pixel_chains(energy, x0: torch.Tensor, n_steps: int, step_size: float
 
 
 def train_pixel_ebm(data: str, out: str | os.PathLike, *, steps: int = 2000, batch_size: int = 64, lr: float = 1e-4,
-                    betas: tuple[float, float] = (0.0, 0.999), n_steps: int = 40, step_size: float = 1e-4,
-                    temperature: float = 1e-3, sample_steps: int | None = None, reg: float = 1.0,
+                    betas: tuple[float, float] = (0.0, 0.999), n_steps: int = 20, step_size: float = 1e-4,
+                    temperature: float = 1e-4, sample_steps: int | None = None, reg: float = 1.0,
                     buffer_size: int = 10_000, reinit: float = 0.05, energy_width: int | None = None,
                     energy_depth: int | None = None, eval_every: int = 100, n_eval: int = 1000,
-                    patience: int | None = None, stop_on: str = "mmd2", seed: int = 0, sampler: str = "library",
-                    data_dir: str | None = None, n_train: int | None = None, resume: bool = False,
-                    device: str = "cpu", progress: bool = True) -> dict:
+                    patience: int | None = None, stop_on: str = "mmd2", stop_from: str = "chains", seed: int = 0,
+                    sampler: str = "library", data_dir: str | None = None, n_train: int | None = None,
+                    resume: bool = False, device: str = "cpu", progress: bool = True) -> dict:
     """Train the pixel-space EBM on ``data`` (an image data set); returns the training metrics (also in
     metrics.json). ``sample_steps``: steps of the evaluation chains from noise (default ``n_steps``). ``stop_on`` and
-    ``patience`` as in ``train_tilt``. ``resume``: continue from RUN_DIR/pixel_ebm.safetensors (energy, buffer,
+    ``patience`` as in ``train_tilt``; ``stop_from``: ``"chains"`` (fresh chains) or ``"buffer"`` decide. ``resume``: continue from RUN_DIR/pixel_ebm.safetensors (energy, buffer,
     optimizer) with the saved settings. Under ``torchrun`` every rank holds the whole buffer, runs B/N of the chains
     (its own noise seed) and gathers the others' results, so the buffers stay identical."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if stop_from not in STOP_FROM:
+        raise ValueError(f"stop_from must be one of {STOP_FROM}, got {stop_from!r}")
     for name, value in (("steps", steps), ("batch_size", batch_size), ("n_steps", n_steps), ("eval_every", eval_every),
                         ("n_eval", n_eval)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -137,13 +140,14 @@ def train_pixel_ebm(data: str, out: str | os.PathLike, *, steps: int = 2000, bat
                                 n_steps=n_steps, step_size=step_size, temperature=temperature,
                                 sample_steps=sample_steps or n_steps, reg=reg, buffer_size=buffer_size, reinit=reinit,
                                 energy_width=energy_width, energy_depth=energy_depth, eval_every=eval_every,
-                                n_eval=n_eval, patience=patience, stop_on=stop_on, seed=seed, sampler=sampler,
+                                n_eval=n_eval, patience=patience, stop_on=stop_on, stop_from=stop_from, seed=seed,
+                                sampler=sampler,
                                 data_dir=data_dir, n_train=n_train, resume=resume, progress=progress)
 
 
 def _train_pixel_ebm(ctx: distributed.DistributedContext, data, out, *, steps, batch_size, lr, betas, n_steps,
                      step_size, temperature, sample_steps, reg, buffer_size, reinit, energy_width, energy_depth,
-                     eval_every, n_eval, patience, stop_on, seed, sampler, data_dir, n_train, resume,
+                     eval_every, n_eval, patience, stop_on, stop_from, seed, sampler, data_dir, n_train, resume,
                      progress) -> dict:
     device = ctx.device
     os.makedirs(out, exist_ok=True)
@@ -158,6 +162,7 @@ def _train_pixel_ebm(ctx: distributed.DistributedContext, data, out, *, steps, b
         sample_steps, buffer_size, reinit = saved["sample_steps"], saved["buffer_size"], saved["reinit"]
         energy_width, energy_depth = saved["energy_width"], saved["energy_depth"]
         eval_every, n_eval, patience, stop_on = saved["eval_every"], saved["n_eval"], saved["patience"], saved["stop_on"]
+        stop_from = saved["stop_from"]
         steps = max(steps, saved["steps"])
     ctx.check_batch(batch_size)
     if batch_size > buffer_size:
@@ -183,7 +188,7 @@ def _train_pixel_ebm(ctx: distributed.DistributedContext, data, out, *, steps, b
                     lr=lr, betas=list(betas), reg=reg, n_steps=n_steps, step_size=step_size, temperature=temperature,
                     sample_steps=sample_steps, buffer_size=buffer_size, reinit=reinit, energy_width=energy_width,
                     energy_depth=energy_depth, eval_every=eval_every, n_eval=n_eval, patience=patience,
-                    stop_on=stop_on, sampler=sampler, energy=type(model.energy).__name__)
+                    stop_on=stop_on, stop_from=stop_from, sampler=sampler, energy=type(model.energy).__name__)
     config = read_json(config_path) if os.path.exists(config_path) else {}
     config["pixel_ebm"] = settings
     if ctx.is_main:
@@ -231,11 +236,13 @@ def _train_pixel_ebm(ctx: distributed.DistributedContext, data, out, *, steps, b
                 buffer_quality.pop("mmd_bandwidths")
                 history.append({"step": step + 1, "loss": loss_value, "energy_gap": gap, **quality,
                                 "buffer": buffer_quality})
-                if stopping.update(step + 1, quality):
+                decides = quality if stop_from == "chains" else buffer_quality
+                if stopping.update(step + 1, decides):
                     save_checkpoint(os.path.join(out, PIXEL_BEST), model, None, step + 1,
-                                    extra={stop_on: quality[stop_on]})
+                                    extra={stop_on: decides[stop_on], "stop_from": stop_from})
                 save_checkpoint(last_path, model, optimizer, step + 1)
-                bar.write(stopping.describe(step + 1, quality) + f"; buffer mmd2 {buffer_quality['mmd2']:.5f}")
+                bar.write(f"{stop_from}: " + stopping.describe(step + 1, decides)
+                          + f"; chains mmd2 {quality['mmd2']:.5f}, buffer mmd2 {buffer_quality['mmd2']:.5f}")
                 metrics = {"history": history, "best": stopping.best, "seconds": time.perf_counter() - begin,
                            "chain_seconds": timer.seconds, "sampler": sampler, "world_size": ctx.world_size}
                 all_metrics["pixel_ebm_training"] = metrics
