@@ -44,7 +44,7 @@ from fastlangevin.trainers.chains import SAMPLERS, ChainTimer, run_chain
 from fastlangevin.trainers.checkpoint import load_checkpoint, read_json, save_checkpoint, write_json
 from fastlangevin.trainers.energy_nets import make_energy
 from fastlangevin.trainers.quality import plot_panels, sample_quality
-from fastlangevin.trainers.tilt import EarlyStopping, validation_set
+from fastlangevin.trainers.tilt import EarlyStopping, contrastive_step, show_progress, validation_set
 
 PIXEL_LAST, PIXEL_BEST = "pixel_ebm.safetensors", "pixel_ebm_best.safetensors"
 STOP_FROM = ("chains", "buffer")  # early stopping on fresh chains from noise, or on the replay buffer
@@ -211,19 +211,8 @@ def _train_pixel_ebm(ctx: distributed.DistributedContext, data, out, *, steps, b
                               seed=ctx.rank_seed(seed * 1_000_003 + step), sampler=sampler).clamp_(0, 1)
         model.replay.update(index, ctx.all_gather(x_neg))
         x_pos = ctx.shard(x_train[batch_indices(len(x_train), batch_size, seed + 1, step)]).to(device)
-        e_pos, e_neg = energy_loss(torch.cat([x_pos, x_neg])).split([len(x_pos), len(x_neg)])  # one DDP forward
-        loss = e_pos.mean() - e_neg.mean() + reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
-        loss_value = ctx.all_reduce_mean(loss.item())
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"pixel-ebm: the loss is {loss_value} at step {step}; lower --lr or raise --reg")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        gap = ctx.all_reduce_mean((e_neg.mean() - e_pos.mean()).item())
-        elapsed = time.perf_counter() - begin
-        bar.set_postfix(loss=f"{loss_value:.3f}", gap=f"{gap:.3f}",
-                        samples_s=f"{(step + 1 - start) * batch_size / elapsed:.0f}",
-                        chain=f"{timer.seconds / elapsed:.0%}")
+        loss_value, gap = contrastive_step(ctx, energy_loss, optimizer, x_pos, x_neg, reg, f"pixel-ebm step {step}")
+        show_progress(bar, loss_value, gap, (step + 1 - start) * batch_size, time.perf_counter() - begin, timer)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             stop = False
             if ctx.is_main:

@@ -63,6 +63,29 @@ def validation_set(name: str, data_dir: str | None, seed: int, n: int):
     return train.subset(slice(max(0, len(train) - n), None))
 
 
+def contrastive_step(ctx, energy_loss, optimizer, x_pos: torch.Tensor, x_neg: torch.Tensor, reg: float,
+                     where: str) -> tuple[float, float]:
+    """One maximum-likelihood update of an energy on this rank's positives x⁺ and negatives x⁻ (B/N, ...):
+    loss = mean E(x⁺) − mean E(x⁻) + reg·(mean E(x⁺)² + mean E(x⁻)²), one forward of ``energy_loss`` (the energy
+    as ``ctx.wrap`` returns it) on both. Returns the loss and the gap mean E(x⁻) − mean E(x⁺), averaged over ranks;
+    a non-finite loss raises FloatingPointError naming ``where`` on every rank."""
+    e_pos, e_neg = energy_loss(torch.cat([x_pos, x_neg])).split([len(x_pos), len(x_neg)])
+    loss = e_pos.mean() - e_neg.mean() + reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+    loss_value = ctx.all_reduce_mean(loss.item())
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"{where}: the loss is {loss_value}; lower --lr or raise --reg")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss_value, ctx.all_reduce_mean((e_neg.mean() - e_pos.mean()).item())
+
+
+def show_progress(bar, loss_value: float, gap: float, n_samples: int, elapsed: float, timer: ChainTimer) -> None:
+    """Loss, energy gap, samples per second and the chains' share of the time on the progress bar."""
+    bar.set_postfix(loss=f"{loss_value:.3f}", gap=f"{gap:.3f}", samples_s=f"{n_samples / elapsed:.0f}",
+                    chain=f"{timer.seconds / elapsed:.0%}")
+
+
 class EarlyStopping:
     """Early stopping on sample quality: ``update(step, quality)`` records an evaluation (``quality``: the dict of
     ``sample_quality``) and returns whether it is the best so far by ``stop_on`` (a key of ``STOP_ON``);
@@ -202,19 +225,8 @@ def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_si
                               seed=ctx.rank_seed(seed * 1_000_003 + step), sampler=sampler)
         with torch.no_grad():
             x_neg = base.generate(z_neg)
-        e_pos, e_neg = energy_loss(torch.cat([x_pos, x_neg])).split([len(x_pos), len(x_neg)])  # one DDP forward
-        loss = e_pos.mean() - e_neg.mean() + reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
-        loss_value = ctx.all_reduce_mean(loss.item())
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"tilt: the loss is {loss_value} at step {step}; lower --lr or raise --reg")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        gap = ctx.all_reduce_mean((e_neg.mean() - e_pos.mean()).item())
-        elapsed = time.perf_counter() - begin
-        bar.set_postfix(loss=f"{loss_value:.3f}", gap=f"{gap:.3f}",
-                        samples_s=f"{(step + 1 - start) * batch_size / elapsed:.0f}",
-                        chain=f"{timer.seconds / elapsed:.0%}")
+        loss_value, gap = contrastive_step(ctx, energy_loss, optimizer, x_pos, x_neg, reg, f"tilt step {step}")
+        show_progress(bar, loss_value, gap, (step + 1 - start) * batch_size, time.perf_counter() - begin, timer)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             stop = False
             if ctx.is_main:
