@@ -11,6 +11,7 @@ from fastlangevin.metrics import frechet
 from fastlangevin.metrics.classifier import ClassifierConfig
 from fastlangevin.trainers import commands, load_checkpoint
 from fastlangevin.trainers.pixel_ebm import PixelEBM, ReplayBuffer, load_pixel_ebm, train_pixel_ebm
+from fastlangevin.trainers.tilt import EarlyStopping
 
 TINY = dict(steps=4, batch_size=16, n_steps=3, buffer_size=200, energy_width=4, energy_depth=1, eval_every=2,
             n_eval=40, progress=False)
@@ -150,3 +151,17 @@ def test_bad_input(tmp_path):
         train_pixel_ebm("digits", tmp_path, **TINY, stop_from="data")
     with pytest.raises(FileNotFoundError, match="--resume: no pixel_ebm.safetensors"):
         train_pixel_ebm("digits", tmp_path / "empty", **TINY, resume=True)
+
+
+def test_early_stopping_keeps_the_best_and_stops_after_patience():
+    messages = []
+    stopping = EarlyStopping("mmd2", patience=2, eval_every=10)
+    assert stopping.update(10, {"mmd2": 0.5}) and not stopping.stop(10, messages.append)
+    assert stopping.update(20, {"mmd2": 0.3})
+    assert not stopping.update(30, {"mmd2": 0.4}) and not stopping.stop(30, messages.append)
+    assert not stopping.update(40, {"mmd2": 0.3}) and stopping.stop(40, messages.append)  # ties are not better
+    assert stopping.best == {"step": 20, "metric": "mmd2", "value": 0.3}
+    assert messages == ["early stop at step 40: no better validation mmd2 in 2 evaluations"]
+    higher = EarlyStopping("high_quality", patience=None, eval_every=10)
+    assert higher.update(10, {"high_quality": 0.2}) and higher.update(20, {"high_quality": 0.9})
+    assert not higher.stop(1000, messages.append)  # no patience: never stops

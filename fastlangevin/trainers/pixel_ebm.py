@@ -236,10 +236,7 @@ def _train_pixel_ebm(ctx: distributed.DistributedContext, data, out, *, steps, b
                            "chain_seconds": timer.seconds, "sampler": sampler, "world_size": ctx.world_size}
                 all_metrics["pixel_ebm_training"] = metrics
                 write_json(metrics_path, all_metrics)
-                stop = stopping.stop(step + 1)
-                if stop:
-                    bar.write(f"early stop at step {step + 1}: no better validation {stop_on} in {patience} "
-                              f"evaluations")
+                stop = stopping.stop(step + 1, bar.write)
                 if stop or step + 1 == steps:
                     plot_panels([(f"chains from noise ({sample_steps} steps)", samples),
                                  ("replay buffer", model.replay.samples[picked[:64]]),

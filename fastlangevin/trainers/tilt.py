@@ -114,9 +114,13 @@ class EarlyStopping:
             return True
         return False
 
-    def stop(self, step: int) -> bool:
+    def stop(self, step: int, write=print) -> bool:
+        """Whether to stop after the evaluation at ``step``; says why through ``write`` when it does."""
         stalled = self.best["step"] is not None and step - self.best["step"] >= (self.patience or 0) * self.eval_every
-        return self.patience is not None and stalled
+        if self.patience is not None and stalled:
+            write(f"early stop at step {step}: no better validation {self.stop_on} in {self.patience} evaluations")
+            return True
+        return False
 
     def describe(self, step: int, quality: dict) -> str:
         """The progress line of an evaluation."""
@@ -246,10 +250,7 @@ def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_si
                            "world_size": ctx.world_size}
                 all_metrics["tilt_training"] = metrics
                 write_json(metrics_path, all_metrics)
-                stop = stopping.stop(step + 1)
-                if stop:
-                    bar.write(f"early stop at step {step + 1}: no better validation {stop_on} in {patience} "
-                              f"evaluations")
+                stop = stopping.stop(step + 1, bar.write)
             if ctx.broadcast(stop):  # every rank stops at the same step
                 break
     bar.close()
