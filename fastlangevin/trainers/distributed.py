@@ -16,7 +16,8 @@ Equivalence. Each rank takes an equal share of the same global batch and DDP ave
 N ranks × B/N rows computes the gradient of the mean loss over the B rows, as one process with batch B does — exactly
 for a deterministic loss (up to float summation order). Randomness drawn inside a step (a VAE's reparametrisation
 noise, Langevin noise) comes from a rank-dependent stream (``rank_seed``: rank 0 keeps the single-process seed), so
-an N-rank run equals the single-process run in distribution only.
+an N-rank run equals the single-process run in distribution only. Batch norms in training mode normalise with each
+rank's B/N rows (no SyncBatchNorm), another difference from one process with the whole batch.
 """
 
 from __future__ import annotations
