@@ -4,6 +4,10 @@ prior chain, a statistical check of the prior chain, the command's run directory
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -130,7 +134,7 @@ def test_prior_chain_with_zero_energy_samples_the_gaussian(sampler):
     """E ≡ 0: the prior chain targets N(0, I); ULA with h = 0.16 settles at variance 1/(1 − h/4) (within 4 s.e.).
     The joint model with E ≡ 0 and p(z₁|z₂) = N(0, 1.01²) targets that for z₁."""
     torch.manual_seed(0)
-    n, h = 4000, 0.16
+    n, h = 2000, 0.16
     for net, variances in ((LatentEBM(SHAPE, 2, energy_width=4, generator_width=4), [1.0, 1.0]),
                            (JointLatentEBM(SHAPE, 1, 1, energy_width=4, generator_width=4), [1.01 ** 2, 1.0])):
         with torch.no_grad():
@@ -242,3 +246,24 @@ def test_resume_without_a_run_and_flags_that_do_not_apply(tmp_path):
     with pytest.raises(SystemExit, match="train-prior lebm: --gamma does not apply"):
         commands._run_train_prior(commands.argparse.Namespace(command="train-prior", model="lebm", data="digits",
                                                               out=str(tmp_path), gamma=1.0))
+
+
+def test_two_processes_under_torchrun(tmp_path):
+    """train-prior lebm on two gloo ranks: each takes half the global batch, gradients are averaged, rank 0 writes."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
+               "fastlangevin.cli", "train-prior", "lebm", "--out", str(out), *TINY, *MODEL_FLAGS["lebm"]]
+    launch = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        stdout, stderr = launch.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both ranks
+        stdout, stderr = launch.communicate()
+        pytest.fail(f"torchrun did not finish in 180 s:\n{stderr[-3000:]}")
+    assert launch.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())["prior_training"]
+    assert [h["step"] for h in metrics["history"]] == [2, 4]
+    assert load_checkpoint(out / "prior_model.safetensors")["step"] == 4
+    assert stdout.count('"steps": 4') == 1  # only rank 0 prints the summary

@@ -17,8 +17,10 @@ Both chains start from fresh z₀ ~ N(0, I) (non-persistent) and run through ``t
 ``ChainTimer``. Every ``eval_every`` steps: sample quality against the test split of the EBM prior (the prior chain)
 and of the generator with its Gaussian prior p_β alone, both through ``trainers.quality.sample_quality``.
 
-Multi-process: not wired; the chains run on the model itself and the losses come from one ``loss``-style call per
-step, so ``trainers.distributed`` (wrap the model's losses, shard x, rank 0 writes) is a local change.
+Multi-process (``torchrun``, ``trainers.distributed``): each rank takes its share of the global batch, runs its
+chains with its own seeds (rank 0 keeps the single-process ones), and the gradients are averaged over ranks before
+the Adam step (what DDP does; done by hand because the two losses take two backward passes); rank 0 evaluates and
+writes the run directory.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 import fastlangevin as fl
 from fastlangevin.data import make_dataset
 from fastlangevin.models.lebm import PRIOR_MODELS, make_prior_model
+from fastlangevin.trainers import distributed
 from fastlangevin.trainers.base import batch_indices
 from fastlangevin.trainers.chains import SAMPLERS, ChainTimer, run_chain
 from fastlangevin.trainers.checkpoint import load_checkpoint, read_json, save_checkpoint, write_json
@@ -70,14 +73,14 @@ def _settings(model: str, given: dict) -> dict:
 
 
 class _Chains:
-    """The run's chains: ``run_chain`` with the run's sampler, a seed per (step, chain), timed, and a non-finite
-    energy reported with the chain's name and training iteration."""
+    """The run's chains: ``run_chain`` with the run's sampler, a seed per (step, chain) (mapped by ``rank_seed`` to
+    this rank's own), timed, and a non-finite energy reported with the chain's name and training iteration."""
 
-    def __init__(self, sampler: str, seed: int, device):
-        self.sampler, self.seed, self.timer = sampler, seed, ChainTimer(device)
+    def __init__(self, sampler: str, seed: int, device, rank_seed=lambda seed: seed):
+        self.sampler, self.seed, self.rank_seed, self.timer = sampler, seed, rank_seed, ChainTimer(device)
 
     def __call__(self, which: str, step: int, energy, z0, n_steps: int, step_size: float, prior, index: int = 0):
-        seed = (self.seed * 1_000_003 + step) * 8 + index
+        seed = self.rank_seed((self.seed * 1_000_003 + step) * 8 + index)
         try:
             with self.timer:
                 z = run_chain(energy, z0, n_steps, step_size, prior=prior, seed=seed, sampler=self.sampler)
@@ -104,8 +107,9 @@ def _posterior(net, chains, s, step, x, z0, index=0):
                   net.prior, index)
 
 
-def _train_step(net, optimizer, chains, s, step, x) -> dict:
-    g = torch.Generator().manual_seed(s["seed"] * 1_000_003 + step)
+def _train_step(ctx, net, optimizer, chains, s, step, x) -> dict:
+    """One iteration on this rank's batch x; returns the loss terms averaged over ranks."""
+    g = torch.Generator().manual_seed(ctx.rank_seed(s["seed"] * 1_000_003 + step))
     device = x.device
     if net.name == "lebm-vi":
         terms, z_pos = net.variational_loss(x, g)
@@ -122,8 +126,13 @@ def _train_step(net, optimizer, chains, s, step, x) -> dict:
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward(inputs=net.generator_parameters())
     loss_e.backward(inputs=net.energy_parameters())
+    if ctx.distributed:
+        for p in net.parameters():
+            p.grad = ctx.all_reduce_mean(p.grad)
     optimizer.step()
-    return {**{k: v.item() for k, v in terms.items()}, "energy_loss": loss_e.item(), "energy_gap": -loss_e.item()}
+    out = {k: ctx.all_reduce_mean(v.item()) for k, v in terms.items()}
+    loss_e = ctx.all_reduce_mean(loss_e.item())
+    return {**out, "energy_loss": loss_e, "energy_gap": -loss_e}
 
 
 def _evaluate(net, chains, s, step, test_set, z0, z_base, x_test, bandwidths, data_dir) -> dict:
@@ -156,13 +165,14 @@ def train_lebm(model: str, data: str, out: str | os.PathLike, *, steps: int | No
     (``steps`` may grow), drawing the batches and chain seeds an uninterrupted run would have.
     ``latent_plot``: write latents.png, prior and posterior latents before and after their chains (2-D latents
     show exactly; larger ones their first two coordinates)."""
-    device = torch.device(device or "cpu")
+    device = device or "cpu"
     config_path, ckpt_path = os.path.join(out, "config.json"), os.path.join(out, CHECKPOINT)
     given = dict(steps=steps, batch_size=batch_size, lr_e=lr_e, lr_g=lr_g, betas=betas, latent_dim=latent_dim,
                  latent_dim2=latent_dim2, energy_width=energy_width, generator_width=generator_width,
                  llhd_sigma=llhd_sigma, prior_steps=prior_steps, prior_step_size=prior_step_size,
                  posterior_steps=posterior_steps, posterior_step_size=posterior_step_size, sampler=sampler,
                  eval_every=eval_every, n_eval=n_eval, checkpoint_every=checkpoint_every, seed=seed)
+    saved = None  # the resumed run's config
     if resume:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out}; start without --resume")
@@ -174,7 +184,18 @@ def train_lebm(model: str, data: str, out: str | os.PathLike, *, steps: int | No
         s = _settings(model, given)
     if model != "joint-mle" and s.get("latent_dim2") is not None:
         raise ValueError(f"latent_dim2 applies to joint-mle only, not {model}")
-    os.makedirs(out, exist_ok=True)
+    with distributed.setup(device) as ctx:
+        return _train(ctx, model, data, out, s, saved, epochs=epochs, classes=classes,
+                      n_train=n_train, data_dir=data_dir, latent_plot=latent_plot, progress=progress)
+
+
+def _train(ctx, model, data, out, s, saved, *, epochs, classes, n_train, data_dir, latent_plot, progress) -> dict:
+    """The training run of ``train_lebm`` on this rank (``saved``: the resumed run's config, or None)."""
+    device, resume = ctx.device, saved is not None
+    config_path, ckpt_path = os.path.join(out, "config.json"), os.path.join(out, CHECKPOINT)
+    ctx.check_batch(s["batch_size"])
+    if ctx.is_main:
+        os.makedirs(out, exist_ok=True)
     train_set = make_dataset(data, data_dir, "train", seed=s["seed"], n_samples=n_train, classes=classes)
     test_set = make_dataset(data, data_dir, "test", seed=s["seed"], classes=classes)
     x_train = train_set.tensors()[0]
@@ -195,13 +216,15 @@ def train_lebm(model: str, data: str, out: str | os.PathLike, *, steps: int | No
     if resume:
         start = load_checkpoint(ckpt_path, net, optimizer, restore_rng=True)["step"]
         previous = all_metrics.get("prior_training", {})
-        print(f"resuming {model} on {data} from step {start} of {s['steps']}")
-    config = read_json(config_path) if os.path.exists(config_path) else {}
-    config["prior"] = dict(model=model, model_config=net.config, data=data, data_dir=data_dir, classes=classes,
-                           n_train=n_train, settings=s)
-    write_json(config_path, config)
+        if ctx.is_main:
+            print(f"resuming {model} on {data} from step {start} of {s['steps']}")
+    if ctx.is_main:
+        config = read_json(config_path) if os.path.exists(config_path) else {}
+        config["prior"] = dict(model=model, model_config=net.config, data=data, data_dir=data_dir, classes=classes,
+                               n_train=n_train, settings=s)
+        write_json(config_path, config)
 
-    chains = _Chains(s["sampler"], s["seed"], device)
+    chains = _Chains(s["sampler"], s["seed"], device, ctx.rank_seed)
     chains.timer.seconds = previous.get("chain_seconds", 0.0)
     fixed = torch.Generator().manual_seed(s["seed"] + 7)  # the same evaluation latents at every evaluation
     z_eval = net.initial_latents(s["n_eval"], fixed, device)
@@ -211,16 +234,16 @@ def train_lebm(model: str, data: str, out: str | os.PathLike, *, steps: int | No
     bandwidths = history[0]["ebm_prior"]["mmd_bandwidths"] if history else None
     train_seconds, last = previous.get("train_seconds", 0.0), {}
     bar = tqdm(range(start, s["steps"]), initial=start, total=s["steps"], desc=f"train-prior {model}",
-               disable=not progress, mininterval=2.0, dynamic_ncols=True)
+               disable=not (progress and ctx.is_main), mininterval=2.0, dynamic_ncols=True)
     for step in bar:
         begin = time.perf_counter()
-        x = x_train[batch_indices(len(x_train), s["batch_size"], s["seed"], step)].to(device)
-        last = _train_step(net, optimizer, chains, s, step, x)
+        x = ctx.shard(x_train[batch_indices(len(x_train), s["batch_size"], s["seed"], step)]).to(device)
+        last = _train_step(ctx, net, optimizer, chains, s, step, x)
         train_seconds += time.perf_counter() - begin
         bar.set_postfix(loss=f"{last['loss']:.3f}", gap=f"{last['energy_gap']:.3f}",
                         samples_s=f"{(step + 1) * s['batch_size'] / train_seconds:.0f}",
                         chain=f"{chains.timer.seconds / train_seconds:.0%}")
-        if (step + 1) % s["eval_every"] == 0 or step + 1 == s["steps"]:
+        if ctx.is_main and ((step + 1) % s["eval_every"] == 0 or step + 1 == s["steps"]):
             chain_seconds = chains.timer.seconds  # evaluation chains are not training time
             entry = {"step": step + 1, **last,
                      **_evaluate(net, chains, s, step, test_set, z_eval, z_base, x_test, bandwidths, data_dir)}
@@ -231,13 +254,15 @@ def train_lebm(model: str, data: str, out: str | os.PathLike, *, steps: int | No
             bar.write(f"step {step + 1}: {metric} EBM prior {entry['ebm_prior'][metric]:.5g} vs Gaussian prior "
                       f"{entry['gaussian_prior'][metric]:.5g}; test reconstruction SSE "
                       f"{entry['test_reconstruction_sse']:.3f}")
-        if (step + 1) % s["checkpoint_every"] == 0 or step + 1 == s["steps"]:
+        if ctx.is_main and ((step + 1) % s["checkpoint_every"] == 0 or step + 1 == s["steps"]):
             save_checkpoint(ckpt_path, net, optimizer, step + 1, extra={"model": model})
             all_metrics["prior_training"] = _summary(s, history, train_seconds, chains.timer.seconds, step + 1)
             write_json(metrics_path, all_metrics)
     bar.close()
-    _plots(net, chains, s, train_set, test_set, out, latent_plot)
-    return all_metrics.get("prior_training", _summary(s, history, train_seconds, chains.timer.seconds, start))
+    if ctx.is_main:
+        _plots(net, chains, s, train_set, test_set, out, latent_plot)
+    return ctx.broadcast(all_metrics.get("prior_training",
+                                         _summary(s, history, train_seconds, chains.timer.seconds, start)))
 
 
 def _summary(s: dict, history: list, train_seconds: float, chain_seconds: float, steps_done: int) -> dict:
