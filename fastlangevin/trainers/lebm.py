@@ -14,8 +14,10 @@ Per batch x (the references' order, ``/work/shared/reference-code.md`` §1, §2a
 
 Both chains start from fresh z₀ ~ N(0, I) (non-persistent) and run through ``trainers.chains.run_chain``
 (``sampler="library"``: ``fl.langevin``; ``"eager"``: the hand-written loop, to measure the chains' cost), timed by
-``ChainTimer``. Every ``eval_every`` steps: sample quality against the test split of the EBM prior (the prior chain)
-and of the generator with its Gaussian prior p_β alone, both through ``trainers.quality.sample_quality``.
+``ChainTimer``. ``lebm-vi`` keeps LEBM's prior chain (the follow-up code it follows runs 100 steps with h = 0.09;
+pass ``--prior-steps 100 --prior-step-size 0.09``). Every ``eval_every`` steps: sample quality against the test
+split of the EBM prior (the prior chain) and of the generator with its Gaussian prior p_β alone, both through
+``trainers.quality.sample_quality``.
 
 Multi-process (``torchrun``, ``trainers.distributed``): each rank takes its share of the global batch, runs its
 chains with its own seeds (rank 0 keeps the single-process ones), and the gradients are averaged over ranks before
