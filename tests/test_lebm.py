@@ -267,3 +267,30 @@ def test_two_processes_under_torchrun(tmp_path):
     assert [h["step"] for h in metrics["history"]] == [2, 4]
     assert load_checkpoint(out / "prior_model.safetensors")["step"] == 4
     assert stdout.count('"steps": 4') == 1  # only rank 0 prints the summary
+
+
+def test_one_adam_over_two_groups_is_the_references_two_optimisers():
+    """The trainer's single Adam (generator and energy groups, backward restricted to each group) takes the step of
+    the references' two Adams run one after the other; lebm-vi's E(z_q) term must not reach the energy."""
+    x = torch.rand(8, *SHAPE, dtype=torch.float64)
+    z_neg = torch.randn(8, 3, dtype=torch.float64)
+    ours, theirs = small(VariationalLatentEBM), small(VariationalLatentEBM)
+    optimizer = torch.optim.Adam([{"params": ours.generator_parameters(), "lr": 1e-2},
+                                  {"params": ours.energy_parameters(), "lr": 1e-3}], betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(theirs.generator_parameters(), lr=1e-2, betas=(0.5, 0.999))
+    opt_e = torch.optim.Adam(theirs.energy_parameters(), lr=1e-3, betas=(0.5, 0.999))
+    for step in range(3):
+        terms, z_q = ours.variational_loss(x, torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        terms["loss"].backward(inputs=ours.generator_parameters())
+        ours.energy_loss(z_q, z_neg).backward(inputs=ours.energy_parameters())
+        optimizer.step()
+        terms, z_q = theirs.variational_loss(x, torch.Generator().manual_seed(step))
+        opt_g.zero_grad()
+        terms["loss"].backward()
+        opt_g.step()
+        opt_e.zero_grad()
+        theirs.energy_loss(z_q, z_neg).backward()
+        opt_e.step()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
