@@ -121,8 +121,9 @@ def train_pixel_ebm(data: str, out: str | os.PathLike, *, steps: int = 2000, bat
                     resume: bool = False, device: str = "cpu", progress: bool = True) -> dict:
     """Train the pixel-space EBM on ``data`` (an image data set); returns the training metrics (also in
     metrics.json). ``sample_steps``: steps of the evaluation chains from noise (default ``n_steps``). ``stop_on`` and
-    ``patience`` as in ``train_tilt``; ``stop_from``: ``"chains"`` (fresh chains) or ``"buffer"`` decide. ``resume``: continue from RUN_DIR/pixel_ebm.safetensors (energy, buffer,
-    optimizer) with the saved settings. Under ``torchrun`` every rank holds the whole buffer, runs B/N of the chains
+    ``patience`` as in ``train_tilt``; ``stop_from``: whether the fresh chains (``"chains"``) or the replay buffer
+    (``"buffer"``) decide. ``resume``: continue from RUN_DIR/pixel_ebm.safetensors (energy, buffer, optimizer) with
+    the saved settings. Under ``torchrun`` every rank holds the whole buffer, runs B/N of the chains
     (its own noise seed) and gathers the others' results, so the buffers stay identical."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -161,8 +162,8 @@ def _train_pixel_ebm(ctx: distributed.DistributedContext, data, out, *, steps, b
         n_steps, step_size, temperature = saved["n_steps"], saved["step_size"], saved["temperature"]
         sample_steps, buffer_size, reinit = saved["sample_steps"], saved["buffer_size"], saved["reinit"]
         energy_width, energy_depth = saved["energy_width"], saved["energy_depth"]
-        eval_every, n_eval, patience, stop_on = saved["eval_every"], saved["n_eval"], saved["patience"], saved["stop_on"]
-        stop_from = saved["stop_from"]
+        eval_every, n_eval, patience = saved["eval_every"], saved["n_eval"], saved["patience"]
+        stop_on, stop_from = saved["stop_on"], saved["stop_from"]
         steps = max(steps, saved["steps"])
     ctx.check_batch(batch_size)
     if batch_size > buffer_size:
