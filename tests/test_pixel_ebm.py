@@ -141,6 +141,8 @@ def test_bad_input(tmp_path):
         train_pixel_ebm("digits", tmp_path, **{**TINY, "batch_size": 256})
     with pytest.raises(ValueError, match="temperature must be a finite float > 0, got 0"):
         train_pixel_ebm("digits", tmp_path, **TINY, temperature=0)
+    with pytest.raises(ValueError, match="reg must be a finite float >= 0, got -1"):
+        train_pixel_ebm("digits", tmp_path, **TINY, reg=-1)
     with pytest.raises(ValueError, match="n_steps must be an int >= 1, got 0"):
         train_pixel_ebm("digits", tmp_path, **{**TINY, "n_steps": 0})
     with pytest.raises(ValueError, match="sampler must be one of"):

@@ -136,14 +136,16 @@ def train_pixel_ebm(data: str, out: str | os.PathLike, *, steps: int = 2000, bat
     for name, value in (("step_size", step_size), ("temperature", temperature), ("lr", lr)):
         if not 0 < value < math.inf:
             raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+    if not 0 <= reg < math.inf:
+        raise ValueError(f"reg must be a finite float >= 0, got {reg!r}")
     with distributed.setup(device) as ctx:
         return _train_pixel_ebm(ctx, data, out, steps=steps, batch_size=batch_size, lr=lr, betas=betas,
                                 n_steps=n_steps, step_size=step_size, temperature=temperature,
                                 sample_steps=sample_steps or n_steps, reg=reg, buffer_size=buffer_size, reinit=reinit,
                                 energy_width=energy_width, energy_depth=energy_depth, eval_every=eval_every,
                                 n_eval=n_eval, patience=patience, stop_on=stop_on, stop_from=stop_from, seed=seed,
-                                sampler=sampler,
-                                data_dir=data_dir, n_train=n_train, resume=resume, progress=progress)
+                                sampler=sampler, data_dir=data_dir, n_train=n_train, resume=resume,
+                                progress=progress)
 
 
 def _train_pixel_ebm(ctx: distributed.DistributedContext, data, out, *, steps, batch_size, lr, betas, n_steps,
