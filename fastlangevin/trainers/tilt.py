@@ -214,7 +214,7 @@ def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_si
     # Fixed starting points for the validation chains, so successive evaluations compare energies, not noise.
     z_val = torch.randn(len(val_set), base.latent_dim, generator=torch.Generator().manual_seed(seed + 7)).to(device)
     bandwidths, metrics = None, all_metrics.get("tilt_training", {"history": history, "best": stopping.best})
-    timer, begin = ChainTimer(device), time.perf_counter()
+    timer, begin, eval_seconds = ChainTimer(device), time.perf_counter(), 0.0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="tilt", disable=not (progress and ctx.is_main),
                mininterval=2.0, dynamic_ncols=True)
     for step in bar:
@@ -232,7 +232,7 @@ def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_si
         loss_value, gap = contrastive_step(ctx, energy_loss, optimizer, x_pos, x_neg, reg, f"tilt step {step}")
         show_progress(bar, loss_value, gap, (step + 1 - start) * batch_size, time.perf_counter() - begin, timer)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            stop = False
+            stop, eval_start = False, time.perf_counter()
             if ctx.is_main:
                 samples = sample_tilted(base, energy, z_val, sample_steps, step_size, seed=seed + 11)
                 quality = sample_quality(samples, val_set, bandwidths, b["data_dir"], b["seed"])
@@ -245,7 +245,9 @@ def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_si
                                     extra={stop_on: quality[stop_on]})
                 save_checkpoint(os.path.join(run_dir, EBM_LAST), energy, optimizer, step + 1)
                 bar.write(stopping.describe(step + 1, quality))
+                eval_seconds += time.perf_counter() - eval_start
                 metrics = {"history": history, "best": stopping.best, "seconds": time.perf_counter() - begin,
+                           "eval_seconds": eval_seconds, "steps_run": step + 1 - start,
                            "chain_seconds": timer.seconds, "positives": positives, "sampler": sampler,
                            "world_size": ctx.world_size}
                 all_metrics["tilt_training"] = metrics
