@@ -37,7 +37,7 @@ class LangevinInfo:
     """What happened along a chain.
 
     energies: (n_steps, B), E(z_k) of the state before step k; grad_norms: (n_steps, B), per-sample ‖∇E(z_k)‖
-    before clipping (for a prior the kernel cannot fuse, of ∇(E − log prior)); backend: what ran the chain;
+    (the energy's gradient alone, before clipping); backend: what ran the chain;
     seed: the chain's noise seed (pass it back to reproduce the chain); accepted: (n_steps, B) bool for MALA.
     """
 
@@ -205,8 +205,8 @@ def _run_fused(backend, energy, z0, n_steps, step_size, noise_scale, prior, seed
 
 
 class _Evaluator:
-    """E(z) and the drift gradient of one chain: ``∇E`` (plus ``−∇log prior`` for priors the kernel cannot fuse),
-    clipped per sample; remembers what ``LangevinInfo`` and the finiteness check need."""
+    """E(z) and the drift gradient of one chain: ``∇E`` clipped per sample (plus ``−∇log prior``, unclipped, for
+    priors the kernel cannot fuse); remembers what ``LangevinInfo`` and the finiteness check need."""
 
     def __init__(self, energy, prior: Prior, fused_prior: bool, clip_grad, create_graph: bool, track: bool):
         self.energy, self.prior, self.fused_prior = energy, prior, fused_prior
@@ -222,19 +222,27 @@ class _Evaluator:
             e = self.energy(z)
             e = e.reshape(batch) if self.checked else _check_energy_output(e, z)
             self.checked = True
-            target = e if self.fused_prior else e - self.prior.log_prob(z)
+            neg_log_prior = None if self.fused_prior else -self.prior.log_prob(z)
+            target = e if neg_log_prior is None else e + neg_log_prior
+        need_norms = self.track or self.clip_grad is not None
         with nvtx_range("energy gradient"):
-            grad = torch.autograd.grad(target.sum(), z, create_graph=self.create_graph, allow_unused=True)[0]
-        if grad is None:
-            grad = torch.zeros_like(z)
-        norms = None
-        if self.track or self.clip_grad is not None:
-            norms = grad.detach().flatten(1).norm(dim=1)
+            # ∇E alone where its norm is needed (clipping, info) and the prior is not fused; otherwise one backward
+            separate = need_norms and neg_log_prior is not None
+            grad = _grad_or_zeros(e if separate else target, z, self.create_graph)
+        norms = grad.detach().flatten(1).norm(dim=1) if need_norms else None
         if self.clip_grad is not None:
             grad = grad * (self.clip_grad / (norms + 1e-12)).clamp(max=1.0).reshape((batch,) + (1,) * (z.dim() - 1))
+        if separate:
+            grad = grad + _grad_or_zeros(neg_log_prior, z, self.create_graph)
         if not self.create_graph:
             target, grad = target.detach(), grad.detach()
         return e.detach(), target, grad.contiguous(), norms
+
+
+def _grad_or_zeros(values: torch.Tensor, z: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """∇_z Σ values (zeros where the values do not depend on z)."""
+    grad = torch.autograd.grad(values.sum(), z, create_graph=create_graph, allow_unused=True)[0]
+    return torch.zeros_like(z) if grad is None else grad
 
 
 def _fused_prior_energy(prior_args, z):

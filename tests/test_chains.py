@@ -52,3 +52,18 @@ def test_unknown_sampler_and_timer():
     with timer:
         run_chain(quadratic(1.0), torch.zeros(4, 2), 3, 0.1)
     assert timer.seconds > 0
+
+
+@pytest.mark.parametrize("sampler", ["library", "eager"])
+@pytest.mark.parametrize("prior", ["normal", "callable", None])
+def test_clip_grad_bounds_the_energy_gradient_only(sampler, prior):
+    # One step from a fixed z0 with a steep energy: the mean move is −ε/2·(clipped ∇E − ∇log p₀); noise averages out.
+    n, eps, clip = 40_000, 0.01, 2.0
+    z0 = torch.tensor([[3.0, -4.0]], dtype=torch.float64).expand(n, 2).contiguous()
+    log_prior = {"normal": "normal", None: None, "callable": lambda z: -0.5 * (z - 1).pow(2).sum(1)}[prior]
+    prior_grad = {"normal": z0[0], None: torch.zeros(2, dtype=torch.float64), "callable": z0[0] - 1}[prior]
+    z1 = run_chain(quadratic(100.0), z0, 1, eps, prior=log_prior, seed=5, sampler=sampler, clip_grad=clip)
+    grad_e = 100.0 * z0[0]
+    expected = z0[0] - 0.5 * eps * (grad_e * clip / grad_e.norm() + prior_grad)
+    std_err = math.sqrt(eps / n)
+    assert (z1.mean(0) - expected).abs().max() < 5 * std_err

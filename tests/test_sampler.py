@@ -245,3 +245,10 @@ def test_import_is_light():
             "'fastlangevin._C_cuda') if m in sys.modules]; print(heavy); assert not heavy")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_grad_norms_are_the_energys_alone_with_a_callable_prior():
+    z0 = torch.randn(16, 3, dtype=torch.float64)
+    energy = lambda z: 2.0 * z.pow(2).sum(1)  # ∇E = 4z
+    _, info = fl.langevin(energy, z0, 1, 0.01, prior=lambda z: -(z - 5).pow(2).sum(1), seed=0, return_info=True)
+    torch.testing.assert_close(info.grad_norms[0], 4 * z0.norm(dim=1))

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from fastlangevin.metrics import energy_distance, mmd2
-from fastlangevin.trainers import commands, load_base, load_checkpoint, save_checkpoint, train_base, train_tilt
+from fastlangevin.trainers import commands, evaluate_run, load_base, load_checkpoint, save_checkpoint, train_base, \
+    train_tilt
 from fastlangevin.trainers.energy_nets import ConvEnergy, make_energy
 
 TINY_BASE = ["--data", "25gaussians", "--n-train", "512", "--batch-size", "64", "--width", "32"]
@@ -197,7 +198,7 @@ def test_tilt_samples_with_the_library_sampler(tilted_run, tmp_path, monkeypatch
     real = fl.langevin
 
     def spy(energy, z0, n_steps, step_size, **kwargs):
-        calls.append((tuple(z0.shape), n_steps, step_size, kwargs.get("prior")))
+        calls.append((tuple(z0.shape), n_steps, step_size, kwargs.get("prior"), kwargs.get("clip_grad")))
         return real(energy, z0, n_steps, step_size, **kwargs)
 
     monkeypatch.setattr(fl, "langevin", spy)
@@ -207,8 +208,13 @@ def test_tilt_samples_with_the_library_sampler(tilted_run, tmp_path, monkeypatch
         (run / name).unlink()
     train_tilt(run, steps=1, batch_size=16, eval_every=10, n_eval=50, energy_width=8, energy_depth=1,
                progress=False)
-    assert calls[0] == ((16, 2), 60, 0.01, "normal")  # the training chain
-    assert calls[1][1:] == (100, 0.01, "normal") and calls[1][0][0] == 50  # the early-stopping evaluation
+    assert calls[0] == ((16, 2), 60, 0.01, "normal", None)  # the training chain
+    assert calls[1][1:] == (100, 0.01, "normal", None) and calls[1][0][0] == 50  # the early-stopping evaluation
+    calls.clear()  # --clip-grad reaches the training, evaluation and sample/evaluate chains
+    train_tilt(run, steps=1, batch_size=16, eval_every=10, n_eval=50, energy_width=8, energy_depth=1,
+               clip_grad=3.0, progress=False)
+    evaluate_run(run, n=20)
+    assert [c[-1] for c in calls] == [3.0, 3.0, 3.0]
 
 
 def test_tilt_patience_stops_early(tilted_run, tmp_path, monkeypatch):

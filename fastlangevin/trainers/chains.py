@@ -21,9 +21,10 @@ SEED_RANGE = 2 ** 63  # fl.langevin takes seeds in [0, 2**63); any int is folded
 
 
 def eager_langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n_steps: int, step_size: float,
-                   prior="normal", seed: int = 0) -> torch.Tensor:
+                   prior="normal", seed: int = 0, clip_grad: float | None = None) -> torch.Tensor:
     """The hand-written loop (as in the papers' code): ``prior`` is ``"normal"`` (N(0, I)), ``None`` (flat) or a
-    callable z ↦ log p₀(z) of shape (B,). Returns z_K detached, (B, *latent_shape)."""
+    callable z ↦ log p₀(z) of shape (B,); ``clip_grad`` bounds each sample's ‖∇E(z)‖ (before the prior term, as
+    ``fl.langevin`` does). Returns z_K detached, (B, *latent_shape)."""
     generator = torch.Generator(z0.device).manual_seed(seed)
     noise = math.sqrt(step_size)
     z = z0.detach().clone()
@@ -31,23 +32,32 @@ def eager_langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Ten
         for _ in range(n_steps):
             z.requires_grad_(True)
             target = energy(z)
+            if clip_grad is not None:
+                grad = torch.autograd.grad(target.sum(), z)[0]
+                norm = grad.flatten(1).norm(dim=1).view((-1,) + (1,) * (z.dim() - 1))
+                grad = grad * (clip_grad / norm).clamp(max=1.0)
+                target = torch.zeros_like(target)  # the prior term is added below, unclipped
+            else:
+                grad = 0.0
             if prior == "normal":
-                target = target + 0.5 * z.flatten(1).pow(2).sum(1)
+                grad = grad + z.detach()
             elif prior is not None:
                 target = target - prior(z)
-            grad = torch.autograd.grad(target.sum(), z)[0]
+            if clip_grad is None or prior not in ("normal", None):
+                grad = grad + torch.autograd.grad(target.sum(), z)[0]
             z = (z.detach() - 0.5 * step_size * grad
                  + noise * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype))
     return z.detach()
 
 
 def run_chain(energy, z0: torch.Tensor, n_steps: int, step_size: float, *, prior="normal", seed: int = 0,
-              sampler: str = "library") -> torch.Tensor:
-    """z_K after ``n_steps`` of ULA from ``z0`` with ``sampler`` ("library": ``fl.langevin``; "eager": the loop)."""
+              sampler: str = "library", clip_grad: float | None = None) -> torch.Tensor:
+    """z_K after ``n_steps`` of ULA from ``z0`` with ``sampler`` ("library": ``fl.langevin``; "eager": the loop);
+    ``clip_grad`` bounds each sample's ‖∇E‖."""
     if sampler == "library":
-        return fl.langevin(energy, z0, n_steps, step_size, prior=prior, seed=seed % SEED_RANGE)
+        return fl.langevin(energy, z0, n_steps, step_size, prior=prior, seed=seed % SEED_RANGE, clip_grad=clip_grad)
     if sampler == "eager":
-        return eager_langevin(energy, z0, n_steps, step_size, prior, seed % SEED_RANGE)
+        return eager_langevin(energy, z0, n_steps, step_size, prior, seed % SEED_RANGE, clip_grad)
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
 
 

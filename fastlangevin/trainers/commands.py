@@ -65,6 +65,8 @@ def add_commands(subparsers) -> None:
     tilt.add_argument("--seed", type=int, default=0)
     tilt.add_argument("--sampler", choices=("library", "eager"), default="library",
                       help="training chains: fl.langevin or the hand-written loop (chain-cost comparisons)")
+    tilt.add_argument("--clip-grad", type=float, default=None,
+                      help="bound each chain sample's gradient norm |grad_z E(G(z))| (default: no clipping)")
     tilt.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ebm.safetensors")
     tilt.add_argument("--device", default="cpu")
 
@@ -213,6 +215,7 @@ def _dispatch(args: argparse.Namespace) -> bool:
                                       energy_width=args.energy_width, energy_depth=args.energy_depth,
                                       eval_every=args.eval_every, n_eval=args.n_eval, patience=args.patience,
                                       stop_on=args.stop_on, seed=args.seed, sampler=args.sampler,
+                                      clip_grad=args.clip_grad,
                                       resume=args.resume, device=args.device)
         best = metrics["best"]
         print(f"best validation {best['metric']} {best['value']:.5g} at step {best['step']}")

@@ -44,11 +44,12 @@ def tilted_energy(energy, base):
 
 
 def sample_tilted(base, energy, z0: torch.Tensor, n_steps: int, step_size: float, seed: int,
-                  batch_size: int = 1000) -> torch.Tensor:
+                  batch_size: int = 1000, clip_grad: float | None = None) -> torch.Tensor:
     """G(z_K) for chains from ``z0`` (N, latent_dim), run in batches of ``batch_size``: (N, *data_shape)."""
     out = []
     for i, chunk in enumerate(z0.split(batch_size)):
-        z = run_chain(tilted_energy(energy, base), chunk, n_steps, step_size, prior="normal", seed=seed + i)
+        z = run_chain(tilted_energy(energy, base), chunk, n_steps, step_size, prior="normal", seed=seed + i,
+                      clip_grad=clip_grad)
         with torch.no_grad():
             out.append(base.generate(z).cpu())
     return torch.cat(out)
@@ -146,12 +147,15 @@ def train_tilt(run_dir: str | os.PathLike, *, steps: int = 500, batch_size: int 
                sample_steps: int = 100, reg: float = 0.1, positives: str = "data", energy_width: int | None = None,
                energy_depth: int | None = None, eval_every: int = 50, n_eval: int = 2000,
                patience: int | None = None, stop_on: str = "mmd2", seed: int = 0, sampler: str = "library",
-               resume: bool = False, device: str = "cpu", progress: bool = True) -> dict:
+               clip_grad: float | None = None, resume: bool = False, device: str = "cpu",
+               progress: bool = True) -> dict:
     """Train the latent EBM on RUN_DIR's frozen backbone; returns the training metrics (also in metrics.json).
 
     ``stop_on``: the validation metric that picks ebm_best (a key of ``STOP_ON``). ``patience``: stop after that many
     evaluations without a better one (None: run all ``steps``; the best checkpoint is kept either way).
     ``sampler``: "library" (``fl.langevin``) or "eager" (the hand-written loop) for the training chains.
+    ``clip_grad``: bound each chain sample's ‖∇_z E(G(z))‖ (training, evaluation and ``sample``/``evaluate``
+    chains; the paper mentions gradient clipping; a flow's inverse can otherwise throw a chain to where G overflows).
     Under ``torchrun`` each of N ranks takes B/N positives and runs B/N of the negative chains (its own noise seed,
     so the run equals the single-process one in distribution); DDP averages the gradients; rank 0 evaluates, writes
     the run directory and decides when to stop."""
@@ -164,12 +168,12 @@ def train_tilt(run_dir: str | os.PathLike, *, steps: int = 500, batch_size: int 
                            step_size=step_size, sample_steps=sample_steps, reg=reg, positives=positives,
                            energy_width=energy_width, energy_depth=energy_depth, eval_every=eval_every,
                            n_eval=n_eval, patience=patience, stop_on=stop_on, seed=seed, sampler=sampler,
-                           resume=resume, progress=progress)
+                           clip_grad=clip_grad, resume=resume, progress=progress)
 
 
 def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_size, lr, betas, n_steps, step_size,
                 sample_steps, reg, positives, energy_width, energy_depth, eval_every, n_eval, patience, stop_on, seed,
-                sampler, resume, progress) -> dict:
+                sampler, clip_grad, resume, progress) -> dict:
     device = ctx.device
     base, config = load_base(run_dir, device)
     if resume:
@@ -182,7 +186,7 @@ def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_si
         reg, positives, seed = saved["reg"], saved["positives"], saved["seed"]
         energy_width, energy_depth = saved["energy_width"], saved["energy_depth"]
         eval_every, n_eval, steps = saved["eval_every"], saved["n_eval"], max(steps, saved["steps"])
-        patience, stop_on = saved.get("patience"), saved.get("stop_on", "mmd2")
+        patience, stop_on, clip_grad = saved.get("patience"), saved.get("stop_on", "mmd2"), saved.get("clip_grad")
     ctx.check_batch(batch_size)
     stopping = EarlyStopping(stop_on, patience, eval_every)
     torch.manual_seed(seed)
@@ -195,7 +199,7 @@ def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_si
     tilt_config = dict(steps=steps, batch_size=batch_size, lr=lr, betas=list(betas), n_steps=n_steps,
                        step_size=step_size, sample_steps=sample_steps, reg=reg, positives=positives, seed=seed,
                        energy_width=energy_width, energy_depth=energy_depth, eval_every=eval_every, n_eval=n_eval,
-                       patience=patience, stop_on=stop_on, sampler=sampler, energy=type(energy).__name__)
+                       patience=patience, stop_on=stop_on, sampler=sampler, clip_grad=clip_grad, energy=type(energy).__name__)
     optimizer = torch.optim.Adam(energy.parameters(), lr=lr, betas=tuple(betas))
     metrics_path = os.path.join(run_dir, "metrics.json")
     all_metrics = read_json(metrics_path) if os.path.exists(metrics_path) else {}
@@ -226,7 +230,7 @@ def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_si
         z0 = ctx.shard(torch.randn(batch_size, base.latent_dim, generator=g)).to(device)
         with timer:
             z_neg = run_chain(tilted_energy(energy, base), z0, n_steps, step_size, prior="normal",
-                              seed=ctx.rank_seed(seed * 1_000_003 + step), sampler=sampler)
+                              seed=ctx.rank_seed(seed * 1_000_003 + step), sampler=sampler, clip_grad=clip_grad)
         with torch.no_grad():
             x_neg = base.generate(z_neg)
         loss_value, gap = contrastive_step(ctx, energy_loss, optimizer, x_pos, x_neg, reg, f"tilt step {step}")
@@ -234,7 +238,8 @@ def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_si
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             stop, eval_start = False, time.perf_counter()
             if ctx.is_main:
-                samples = sample_tilted(base, energy, z_val, sample_steps, step_size, seed=seed + 11)
+                samples = sample_tilted(base, energy, z_val, sample_steps, step_size, seed=seed + 11,
+                                        clip_grad=clip_grad)
                 quality = sample_quality(samples, val_set, bandwidths, b["data_dir"], b["seed"])
                 bandwidths = quality["mmd_bandwidths"]
                 entry = {"step": step + 1, "loss": loss_value, "energy_gap": gap, **quality}
@@ -268,17 +273,20 @@ def _draw(run_dir, n: int, seed: int, n_steps: int | None, which: str, device: s
     z0 = torch.randn(n, base.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     with torch.no_grad():
         before = base.generate(z0).cpu()
-    after = sample_tilted(base, energy, z0, n_steps or t["sample_steps"], t["step_size"], seed=seed)
+    after = sample_tilted(base, energy, z0, n_steps or t["sample_steps"], t["step_size"], seed=seed,
+                          clip_grad=t.get("clip_grad"))
     return before, after, config, meta
 
 
-def langevin_transition(base, energy, z0: torch.Tensor, at_steps, step_size: float, seed: int):
+def langevin_transition(base, energy, z0: torch.Tensor, at_steps, step_size: float, seed: int,
+                        clip_grad: float | None = None):
     """One tilted chain per row of z0, recorded at ``at_steps`` (increasing, e.g. 0, 10, 25, 50, 100): a list of
     (k, G(z_k)). The chain runs in segments between the recorded steps (a new noise seed per segment)."""
     out, z, done = [], z0, 0
     for i, k in enumerate(at_steps):
         if k > done:
-            z = run_chain(tilted_energy(energy, base), z, k - done, step_size, prior="normal", seed=seed + 1 + i)
+            z = run_chain(tilted_energy(energy, base), z, k - done, step_size, prior="normal", seed=seed + 1 + i,
+                          clip_grad=clip_grad)
             done = k
         with torch.no_grad():
             out.append((k, base.generate(z).cpu()))
@@ -305,7 +313,7 @@ def sample_run(run_dir: str | os.PathLike, *, n: int = 2000, seed: int = 0, n_st
     image = len(base.data_shape) == 3
     z0 = torch.randn(8 if image else min(n, 1000), base.latent_dim,
                      generator=torch.Generator().manual_seed(seed + 1)).to(device)
-    snapshots = langevin_transition(base, energy, z0, at_steps, t["step_size"], seed)
+    snapshots = langevin_transition(base, energy, z0, at_steps, t["step_size"], seed, t.get("clip_grad"))
     path_t = os.path.join(run_dir, "langevin_transition.png")
     if image:  # one grid: a chain per row, a recorded step per column
         grid = torch.stack([x for _, x in snapshots], 1).flatten(0, 1)
