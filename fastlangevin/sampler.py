@@ -278,6 +278,7 @@ def run_chain_body(energy, z, rng_state, n_steps, step_size, noise_scale, prior:
     prior_args = kernel_prior if kernel_prior is not None else (PRIOR_FLAT, None, None)
     evaluate = _Evaluator(energy, prior, kernel_prior is not None, clip_grad, create_graph, return_info)
     energies, grad_norms, accepted = [], [], []
+    counter = rng_state.narrow(0, 1, 1)  # a view: advancing it is one in-place kernel (graph-safe, no host sync)
     if method == "mala" and n_steps:
         e, target, grad, norms = evaluate(z)
     for k in range(n_steps):
@@ -299,7 +300,7 @@ def run_chain_body(energy, z, rng_state, n_steps, step_size, noise_scale, prior:
                 z, e, target, grad = (_where(accept, new, old) for new, old in
                                       ((proposal, z_now), (e_new, e), (target_new, target), (grad_new, grad)))
                 norms = None if norms is None else _where(accept, norms_new, norms)
-            rng_state[1] += 1
+            counter.add_(1)
 
     empty = z.new_empty((0, z.shape[0]))
     energies = torch.stack(energies) if energies else empty
