@@ -23,13 +23,12 @@ PIXEL = ["--steps", "3", "--batch-size", "8", "--n-steps", "3", "--buffer-size",
 TILT = ["--steps", "4", "--batch-size", "32", "--n-steps", "5", "--sample-steps", "5", "--eval-every", "2",
         "--n-eval", "200", "--energy-width", "16", "--energy-depth", "2", "--patience", "1"]
 
-# Runs the CLI in each torchrun process with spies: which files each rank wrote, each rank's trained modules and
-# the gradients of its first optimizer step.
-WORKER = textwrap.dedent("""
+# The start of a worker run in each torchrun process (argv: out, ...): spies that record which files each rank
+# wrote (``writes``), each rank's trained modules and the gradients of its first optimizer step (``modules``).
+SPIES = textwrap.dedent("""
     import os, sys, json, torch
-    from fastlangevin import cli
     from fastlangevin.metrics import classifier, frechet
-    from fastlangevin.trainers import base, checkpoint, pixel_ebm, quality, tilt
+    from fastlangevin.trainers import checkpoint, quality
 
     rank, out = int(os.environ["RANK"]), sys.argv[1]
     writes, modules = [], {}
@@ -55,13 +54,19 @@ WORKER = textwrap.dedent("""
 
     torch.optim.Adam.step = keep_gradients
     checkpoint.atomic_write_bytes = spy(checkpoint.atomic_write_bytes, 0)
+    # a tiny Fréchet classifier: this checks the plumbing, not the metric
+    frechet.ClassifierConfig = lambda: classifier.ClassifierConfig(width=4, feature_dim=8, min_steps=20, epochs=0.1)
+""")
+# train-base glf + tilt, train-base vae, train-pixel-ebm (argv: out, BASE, TILT, PIXEL).
+WORKER = SPIES + textwrap.dedent("""
+    from fastlangevin import cli
+    from fastlangevin.trainers import base, pixel_ebm, tilt
+
     base.plot_panels = spy(quality.plot_panels, 1)
     pixel_ebm.plot_panels = spy(quality.plot_panels, 1)
     base.make_model = keep("base", base.make_model)
     tilt.make_energy = keep("energy", tilt.make_energy)
     pixel_ebm.PixelEBM = keep("pixel", pixel_ebm.PixelEBM)
-    # a tiny Fréchet classifier: this checks the plumbing, not the metric
-    frechet.ClassifierConfig = lambda: classifier.ClassifierConfig(width=4, feature_dim=8, min_steps=20, epochs=0.1)
     for model in ("glf", "vae"):
         run = os.path.join(out, model)
         cli.main(["train-base", model, "--out", run, *json.loads(sys.argv[2])])
@@ -76,26 +81,32 @@ WORKER = textwrap.dedent("""
 """)
 
 
+def run_two_ranks(worker: str, out, *args: str, timeout: float = 180) -> str:
+    """Run the script ``worker`` (source text, written to out/worker.py) with two processes (torchrun, gloo) and
+    arguments ``out, *args``; returns its stdout. Fails the test on an error or after ``timeout`` seconds."""
+    path = out / "worker.py"
+    path.write_text(worker)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                               str(path), str(out), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              start_new_session=True)
+    try:
+        stdout, stderr = launch.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both workers: a hang leaves no process behind
+        stdout, stderr = launch.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s (a rank waiting on another?):\n{stderr[-3000:]}")
+    assert launch.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """train-base glf + tilt, train-base vae, train-pixel-ebm, with two processes (torchrun, gloo)."""
     pytest.importorskip("matplotlib")
     out = tmp_path_factory.mktemp("ddp")
-    worker = out / "worker.py"
-    worker.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                               str(worker), str(out), json.dumps(BASE), json.dumps(TILT), json.dumps(PIXEL)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                              start_new_session=True)
-    try:
-        stdout, stderr = launch.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both workers: a hang leaves no process behind
-        stdout, stderr = launch.communicate()
-        pytest.fail(f"torchrun did not finish in 180 s (a rank waiting on another?):\n{stderr[-3000:]}")
-    assert launch.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return out, stdout
+    return out, run_two_ranks(WORKER, out, json.dumps(BASE), json.dumps(TILT), json.dumps(PIXEL))
 
 
 def load_rank(out, model, rank):

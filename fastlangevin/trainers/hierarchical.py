@@ -22,6 +22,14 @@ to 1e-4 on GPUs for thousands of iterations; the CPU budget here is hundreds); t
 RUN_DIR: config.json {"vae", "ebm"}, vae.safetensors (the VAE + Adam, step), ebm.safetensors (VAE and EBMs + Adam,
 step; ``resume``), metrics.json {"vae_training", "ebm_training"} with sample quality against the test split,
 samples.png, hierarchical_resampling.png and, for ``joint``, langevin_transition.png.
+
+Multi-process (``torchrun``, ``trainers.distributed``): each rank takes its B/N rows of the same global batch (and of
+the global ε_0), runs its chains with its own seeds and draws its own reparametrisation noise (rank 0 keeps the
+single-process ones), and the gradients are averaged over ranks before each Adam step — by DDP for the VAE stage,
+by hand for the EBM stage, whose loss takes several forwards of the VAE and the EBMs. The logged losses and the
+divergence checks are those of the global batch, so every rank stops together. Rank 0 evaluates and writes the run
+directory. Equal to one process in distribution only (see ``trainers.distributed``); besides, the KL balancing of the
+VAE's warm-up weights the groups by each rank's own batch KLs.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from tqdm.auto import tqdm
 from fastlangevin.data import make_dataset
 from fastlangevin.models.hierarchical import EpsilonEnergy, HierarchicalVAE, JointEBMPrior, VARIANTS, \
     channels_for_params
+from fastlangevin.trainers import distributed
 from fastlangevin.trainers.base import batch_indices
 from fastlangevin.trainers.chains import SAMPLERS, ChainTimer, run_chain
 from fastlangevin.trainers.checkpoint import load_checkpoint, read_json, save_checkpoint, write_json
@@ -51,6 +60,30 @@ DEFAULT_VAE = dict(latent_channels=[8, 4, 2], channels=16, n_cells=1)
 
 def _chain_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
+
+
+def _own_stream(ctx, seed: int, step: int) -> None:
+    """Ranks other than 0 reseed torch's global generator (the reparametrisation noise) from ``step`` on with a seed
+    of their own (+2**61: never one of their chains' seeds); rank 0 keeps the single-process stream."""
+    if ctx.rank:
+        torch.manual_seed(ctx.rank_seed(_chain_seed(seed, step) + 2 ** 61))
+
+
+def _mean_over_ranks(ctx, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's mean over ranks (the tensors themselves in one process), in one all-reduce of their
+    concatenation (one dtype)."""
+    if not ctx.distributed:
+        return tensors
+    flat = ctx.all_reduce_mean(torch.cat([t.detach().reshape(-1) for t in tensors]))
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _average_gradients(ctx, optimizer: torch.optim.Optimizer) -> None:
+    """DDP's gradient average, by hand: every gradient of ``optimizer``'s parameters becomes its mean over ranks."""
+    if ctx.distributed:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        for grad, mean in zip(grads, _mean_over_ranks(ctx, grads)):
+            grad.copy_(mean)
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[HierarchicalVAE, JointEBMPrior | None, dict]:
@@ -187,11 +220,21 @@ def train_gaussian(data: str, out: str | os.PathLike, *, steps: int = 1500, batc
     """Train the hierarchical VAE by its ELBO; returns (and writes under "vae_training") the metrics.
 
     ``param_factor``: pick the cell width whose parameter count is closest to that multiple of the default width's
-    (the 2× / 4× baselines); excludes ``channels``."""
-    os.makedirs(out, exist_ok=True)
-    config_path, ckpt_path = os.path.join(out, "config.json"), os.path.join(out, VAE_CHECKPOINT)
+    (the 2× / 4× baselines); excludes ``channels``. Under ``torchrun``: ``batch_size`` is the global batch."""
     if not 0 <= kl_warmup <= 1:
         raise ValueError(f"kl_warmup must be a share of the steps in [0, 1], got {kl_warmup}")
+    with distributed.setup(device) as ctx:
+        return _train_gaussian(ctx, data, out, steps=steps, batch_size=batch_size, lr_g=lr_g, kl_warmup=kl_warmup,
+                               channels=channels, param_factor=param_factor, latent_channels=latent_channels,
+                               n_cells=n_cells, seed=seed, data_dir=data_dir, n_train=n_train, classes=classes,
+                               checkpoint_every=checkpoint_every, resume=resume, progress=progress, figures=figures)
+
+
+def _train_gaussian(ctx, data, out, *, steps, batch_size, lr_g, kl_warmup, channels, param_factor, latent_channels,
+                    n_cells, seed, data_dir, n_train, classes, checkpoint_every, resume, progress, figures) -> dict:
+    """``train_gaussian`` on this rank."""
+    device = ctx.device
+    config_path, ckpt_path = os.path.join(out, "config.json"), os.path.join(out, VAE_CHECKPOINT)
     if resume:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no {VAE_CHECKPOINT} in {out}; start without --resume")
@@ -210,6 +253,7 @@ def train_gaussian(data: str, out: str | os.PathLike, *, steps: int = 1500, batc
                 model_config[key] = list(value) if key == "latent_channels" else value
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    ctx.check_batch(batch_size)
     vae_config = dict(model="hvae", data=data, data_dir=data_dir, seed=seed, n_train=n_train,
                       classes=None if classes is None else list(classes), steps=steps, batch_size=batch_size,
                       lr_g=lr_g, kl_warmup=kl_warmup, param_factor=param_factor)
@@ -223,43 +267,50 @@ def train_gaussian(data: str, out: str | os.PathLike, *, steps: int = 1500, batc
     vae_config["model_config"] = vae.config  # every constructor argument, defaults included
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr_g)
     start = load_checkpoint(ckpt_path, vae, optimizer, restore_rng=True)["step"] if resume else 0
-    config = read_json(config_path) if os.path.exists(config_path) else {}
-    config["vae"] = vae_config
-    write_json(config_path, config)
+    _own_stream(ctx, seed, start)
+    if ctx.is_main:
+        os.makedirs(out, exist_ok=True)
+        config = read_json(config_path) if os.path.exists(config_path) else {}
+        config["vae"] = vae_config
+        write_json(config_path, config)
 
     x_train = train_set.tensors()[0]
     warmup_steps = max(1, round(kl_warmup * steps))
-    history, terms, begin = [], {}, time.perf_counter()
+    history, begin = [], time.perf_counter()
     vae.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train-prior gaussian", disable=not progress,
-               mininterval=2.0, dynamic_ncols=True)
+    loss_terms = ctx.wrap(vae, "loss_terms")  # the training step; evaluation and checkpoints use ``vae`` itself
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train-prior gaussian",
+               disable=not (progress and ctx.is_main), mininterval=2.0, dynamic_ncols=True)
     for step in bar:
-        x = x_train[batch_indices(len(x_train), batch_size, seed, step)].to(device)
-        terms = vae.loss_terms(x, kl_weight=min(1.0, (step + 1) / warmup_steps))
-        _check_finite(terms["loss"].item(), "the negative ELBO", step, "lower --lr-g")
+        x = ctx.shard(x_train[batch_indices(len(x_train), batch_size, seed, step)]).to(device)
+        terms = loss_terms(x, kl_weight=min(1.0, (step + 1) / warmup_steps))
+        logged = dict(zip(terms, _mean_over_ranks(ctx, list(terms.values()))))  # the global batch's batch means
+        _check_finite(logged["loss"].item(), "the negative ELBO", step, "lower --lr-g")
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
-        bar.set_postfix(loss=f"{terms['loss'].item():.2f}", kl=f"{terms['kl'].item():.2f}",
+        bar.set_postfix(loss=f"{logged['loss'].item():.2f}", kl=f"{logged['kl'].item():.2f}",
                         samples_s=f"{(step + 1 - start) * batch_size / (time.perf_counter() - begin):.0f}")
         if (step + 1) % 50 == 0 or step + 1 == steps:
-            history.append({"step": step + 1, "loss": terms["loss"].item(),
-                            "reconstruction": terms["reconstruction"].item(), "kl": terms["kl"].item(),
-                            "kl_groups": terms["kl_groups"].tolist()})
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            history.append({"step": step + 1, "loss": logged["loss"].item(),
+                            "reconstruction": logged["reconstruction"].item(), "kl": logged["kl"].item(),
+                            "kl_groups": logged["kl_groups"].tolist()})
+        if ctx.is_main and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(ckpt_path, vae, optimizer, step + 1)
     seconds = time.perf_counter() - begin
     bar.close()
 
-    vae.eval()
-    samples, quality = _evaluate(vae, None, test_set, 0, 1.0, "paper", seed, "library")
-    metrics = {"steps": steps, "seconds": seconds, "param_count": vae.param_count(),
-               "samples_per_second": (steps - start) * batch_size / max(seconds, 1e-9), "history": history,
-               "sample_quality": quality}
-    _update_metrics(out, "vae_training", metrics)
-    if figures:
-        _figures(out, vae, None, test_set, samples, 0, 1.0, "paper", seed, "library")
-    return metrics
+    metrics = None
+    if ctx.is_main:
+        vae.eval()
+        samples, quality = _evaluate(vae, None, test_set, 0, 1.0, "paper", seed, "library")
+        metrics = {"steps": steps, "seconds": seconds, "param_count": vae.param_count(),
+                   "samples_per_second": (steps - start) * batch_size / max(seconds, 1e-9), "history": history,
+                   "sample_quality": quality, "world_size": ctx.world_size}
+        _update_metrics(out, "vae_training", metrics)
+        if figures:
+            _figures(out, vae, None, test_set, samples, 0, 1.0, "paper", seed, "library")
+    return ctx.broadcast(metrics)
 
 
 def _adopt_vae(init_from, out) -> None:
@@ -285,7 +336,8 @@ def train_joint(data: str, out: str | os.PathLike, *, init_from: str | None = No
                 vae_options: dict | None = None) -> dict:
     """The joint EBM prior on the hierarchical VAE (module docstring). The VAE comes from ``init_from`` (a gaussian
     run) or is trained first in ``out`` with ``vae_options`` (``train_gaussian``'s keywords). ``steps``: EBM
-    iterations; ``sample_steps``: chain length for evaluation and figures (default ``prior_steps``)."""
+    iterations; ``sample_steps``: chain length for evaluation and figures (default ``prior_steps``). Under
+    ``torchrun``: ``batch_size`` is the global batch."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if variant not in VARIANTS:
@@ -295,6 +347,21 @@ def train_joint(data: str, out: str | os.PathLike, *, init_from: str | None = No
     if steps < 1 or prior_steps < 1 or not prior_step_size > 0:
         raise ValueError(f"steps and prior_steps must be >= 1 and prior_step_size > 0, got {steps}, {prior_steps}, "
                          f"{prior_step_size}")
+    with distributed.setup(device) as ctx:
+        return _train_joint(ctx, data, out, init_from=init_from, scheme=scheme, steps=steps, batch_size=batch_size,
+                            lr_e=lr_e, lr_g=lr_g, betas=betas, weight_decay=weight_decay, energy_width=energy_width,
+                            energy_layers=energy_layers, prior_steps=prior_steps, prior_step_size=prior_step_size,
+                            sample_steps=sample_steps, variant=variant, sampler=sampler, seed=seed,
+                            checkpoint_every=checkpoint_every, resume=resume, progress=progress,
+                            vae_options=vae_options)
+
+
+def _train_joint(ctx, data, out, *, init_from, scheme, steps, batch_size, lr_e, lr_g, betas, weight_decay,
+                 energy_width, energy_layers, prior_steps, prior_step_size, sample_steps, variant, sampler, seed,
+                 checkpoint_every, resume, progress, vae_options) -> dict:
+    """``train_joint`` on this rank (the VAE stage, if any, first)."""
+    device = ctx.device
+    ctx.check_batch(batch_size)
     config_path, ckpt_path = os.path.join(out, "config.json"), os.path.join(out, EBM_CHECKPOINT)
     if resume and not os.path.exists(ckpt_path):  # interrupted in the VAE stage: finish it, then start the EBMs
         if not os.path.exists(os.path.join(out, VAE_CHECKPOINT)):
@@ -311,8 +378,11 @@ def train_joint(data: str, out: str | os.PathLike, *, init_from: str | None = No
             saved["sample_steps"]
         seed, steps = saved["seed"], max(steps, saved["steps"])
         energy_width, energy_layers = saved["prior_config"]["nef"], saved["prior_config"]["n_layers"]
+        ctx.check_batch(batch_size)
     elif init_from is not None:
-        _adopt_vae(init_from, out)
+        if ctx.is_main:
+            _adopt_vae(init_from, out)
+        ctx.barrier()  # the others read what rank 0 wrote
     else:
         train_gaussian(data, out, seed=seed, device=device, progress=progress, figures=False, **(vae_options or {}))
     sample_steps = prior_steps if sample_steps is None else sample_steps
@@ -322,6 +392,8 @@ def train_joint(data: str, out: str | os.PathLike, *, init_from: str | None = No
     vae = HierarchicalVAE(**config["vae"]["model_config"]).to(device)
     load_checkpoint(os.path.join(out, VAE_CHECKPOINT), vae)
     ebm = JointEBMPrior(vae.group_dims, energy_width, energy_layers).to(device)
+    if ctx.distributed:  # rank 0's initialisation (after the VAE stage the ranks' generators differ)
+        ebm.load_state_dict(ctx.broadcast({k: v.cpu() for k, v in ebm.state_dict().items()}))
     both = nn.ModuleDict({"vae": vae, "ebm": ebm})
     groups = [{"params": list(e.parameters())} for e in ebm.energies]
     if scheme == "joint":
@@ -336,22 +408,24 @@ def train_joint(data: str, out: str | os.PathLike, *, init_from: str | None = No
     if resume:
         start = load_checkpoint(ckpt_path, both, optimizer, restore_rng=True)["step"]
         history = read_json(os.path.join(out, "metrics.json")).get("ebm_training", {}).get("history", [])
+    _own_stream(ctx, seed, start)
     config["ebm"] = ebm_config
-    write_json(config_path, config)
+    if ctx.is_main:
+        write_json(config_path, config)
     train_set, test_set = _data(config["vae"])
     x_train = train_set.tensors()[0]
 
     timer, begin, gap = ChainTimer(device), time.perf_counter(), float("nan")
     energy = EpsilonEnergy(vae, ebm, variant)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train-prior joint ({scheme})",
-               disable=not progress, mininterval=2.0, dynamic_ncols=True)
+               disable=not (progress and ctx.is_main), mininterval=2.0, dynamic_ncols=True)
     for step in bar:
-        x = x_train[batch_indices(len(x_train), batch_size, seed + 1, step)].to(device)
+        x = ctx.shard(x_train[batch_indices(len(x_train), batch_size, seed + 1, step)]).to(device)
         g = torch.Generator().manual_seed(_chain_seed(seed, step))
-        eps0 = torch.randn(batch_size, vae.latent_dim, generator=g).to(device)
+        eps0 = ctx.shard(torch.randn(batch_size, vae.latent_dim, generator=g)).to(device)
         with timer:
-            eps = run_chain(energy, eps0, prior_steps, prior_step_size, prior="normal", seed=_chain_seed(seed, step),
-                            sampler=sampler)
+            eps = run_chain(energy, eps0, prior_steps, prior_step_size, prior="normal",
+                            seed=ctx.rank_seed(_chain_seed(seed, step)), sampler=sampler)
         with torch.no_grad():
             z_neg, _ = vae.transform(eps)
         f_neg = ebm.per_group(z_neg)
@@ -368,36 +442,43 @@ def train_joint(data: str, out: str | os.PathLike, *, init_from: str | None = No
                      "kl": torch.stack(post.kl, 1).sum(1).mean()}
             log_z = f_neg.sum(1).mean() + vae.prior_log_prob(z_neg).mean()  # ∇: E_p[∇f] and E_p[∇ log p_β]
             loss = terms["reconstruction"] + terms["kl"] - f_pos.sum(1).mean() + log_z
-        _check_finite(loss.item(), "the loss", step, "lower --lr-e or --prior-step-size")
-        _check_finite(f_neg.abs().max().item() + f_pos.abs().max().item(), "|f|", step, "lower --lr-e")
+        gap = f_pos.sum(1).mean() - f_neg.sum(1).mean()  # f(z⁺) − f(z⁻): > 0 while the EBM separates them
+        # the global batch's values, on every rank (batch means: the mean over ranks; |f|: the max over ranks)
+        loss_value, gap, f_groups_pos, f_groups_neg, *term_values = (
+            t.tolist() for t in _mean_over_ranks(ctx, [loss, gap, f_pos.mean(0), f_neg.mean(0), *terms.values()]))
+        f_max = ctx.all_gather(torch.stack([f_neg.abs().max(), f_pos.abs().max()]).detach()[None]).max(0).values
+        _check_finite(loss_value, "the loss", step, "lower --lr-e or --prior-step-size")
+        _check_finite(f_max.sum().item(), "|f|", step, "lower --lr-e")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        _average_gradients(ctx, optimizer)
         optimizer.step()
-        gap = (f_pos.sum(1).mean() - f_neg.sum(1).mean()).item()  # f(z⁺) − f(z⁻): > 0 while the EBM separates them
         elapsed = time.perf_counter() - begin
-        bar.set_postfix(loss=f"{loss.item():.3f}", gap=f"{gap:.3f}",
+        bar.set_postfix(loss=f"{loss_value:.3f}", gap=f"{gap:.3f}",
                         samples_s=f"{(step + 1 - start) * batch_size / elapsed:.0f}",
                         chain=f"{timer.seconds / elapsed:.0%}")
         if (step + 1) % 10 == 0 or step + 1 == steps:
-            history.append({"step": step + 1, "loss": loss.item(), "energy_gap": gap,
-                            "f_groups_pos": f_pos.mean(0).tolist(), "f_groups_neg": f_neg.mean(0).tolist(),
-                            **{k: v.item() for k, v in terms.items()}})
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            history.append({"step": step + 1, "loss": loss_value, "energy_gap": gap, "f_groups_pos": f_groups_pos,
+                            "f_groups_neg": f_groups_neg, **dict(zip(terms, term_values))})
+        if ctx.is_main and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(ckpt_path, both, optimizer, step + 1)
     seconds = time.perf_counter() - begin
     bar.close()
 
-    vae.requires_grad_(False)
-    ebm.eval().requires_grad_(False)
-    samples, quality = _evaluate(vae, ebm, test_set, sample_steps, prior_step_size, variant, seed, sampler)
-    n_iter = max(steps - start, 1)
-    metrics = {"steps": steps, "seconds": seconds, "chain_seconds": timer.seconds,
-               "chain_share": timer.seconds / max(seconds, 1e-9), "chain_seconds_per_iteration": timer.seconds / n_iter,
-               "seconds_per_iteration": seconds / n_iter, "sampler": sampler, "energy_gap": gap, "history": history,
-               "sample_quality": quality}
-    _update_metrics(out, "ebm_training", metrics)
-    _figures(out, vae, ebm, test_set, samples, sample_steps, prior_step_size, variant, seed, sampler)
-    return metrics
+    metrics = None
+    if ctx.is_main:
+        vae.requires_grad_(False)
+        ebm.eval().requires_grad_(False)
+        samples, quality = _evaluate(vae, ebm, test_set, sample_steps, prior_step_size, variant, seed, sampler)
+        n_iter = max(steps - start, 1)
+        metrics = {"steps": steps, "seconds": seconds, "chain_seconds": timer.seconds,
+                   "chain_share": timer.seconds / max(seconds, 1e-9),
+                   "chain_seconds_per_iteration": timer.seconds / n_iter, "seconds_per_iteration": seconds / n_iter,
+                   "sampler": sampler, "energy_gap": gap, "history": history, "sample_quality": quality,
+                   "world_size": ctx.world_size}
+        _update_metrics(out, "ebm_training", metrics)
+        _figures(out, vae, ebm, test_set, samples, sample_steps, prior_step_size, variant, seed, sampler)
+    return ctx.broadcast(metrics)
 
 
 def train_hierarchical(model: str, data: str, out: str | os.PathLike, *, init_from: str | None = None,
