@@ -391,9 +391,8 @@ def _train_joint(ctx, data, out, *, init_from, scheme, steps, batch_size, lr_e, 
         raise ValueError(f"data: the VAE of {out} was trained on {config['vae']['data']!r}, not {data!r}")
     vae = HierarchicalVAE(**config["vae"]["model_config"]).to(device)
     load_checkpoint(os.path.join(out, VAE_CHECKPOINT), vae)
+    torch.manual_seed(seed)  # the EBMs' initialisation, the same on every rank (torch seeds each process at random)
     ebm = JointEBMPrior(vae.group_dims, energy_width, energy_layers).to(device)
-    if ctx.distributed:  # rank 0's initialisation (after the VAE stage the ranks' generators differ)
-        ebm.load_state_dict(ctx.broadcast({k: v.cpu() for k, v in ebm.state_dict().items()}))
     both = nn.ModuleDict({"vae": vae, "ebm": ebm})
     groups = [{"params": list(e.parameters())} for e in ebm.energies]
     if scheme == "joint":
