@@ -97,6 +97,22 @@ class DistributedContext:
         t /= self.world_size
         return t.item() if not isinstance(x, torch.Tensor) else t.to(x.device)
 
+    def mean_over_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor's mean over ranks (the tensors themselves in one process), in one all-reduce of their
+        concatenation (one dtype)."""
+        if not self.distributed:
+            return tensors
+        flat = self.all_reduce_mean(torch.cat([t.detach().reshape(-1) for t in tensors]))
+        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+    def average_gradients(self, parameters) -> None:
+        """DDP's gradient average, by hand (for a step whose loss takes several backward passes): every ``.grad``
+        of ``parameters`` becomes its mean over ranks, in place."""
+        if self.distributed:
+            grads = [p.grad for p in parameters if p.grad is not None]
+            for grad, mean in zip(grads, self.mean_over_ranks(grads)):
+                grad.copy_(mean)
+
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """The global batch from every rank's rows x (B/N, ...), in rank order: the inverse of ``shard``."""
         if not self.distributed:

@@ -69,23 +69,6 @@ def _own_stream(ctx, seed: int, step: int) -> None:
         torch.manual_seed(ctx.rank_seed(_chain_seed(seed, step) + 2 ** 61))
 
 
-def _mean_over_ranks(ctx, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each tensor's mean over ranks (the tensors themselves in one process), in one all-reduce of their
-    concatenation (one dtype)."""
-    if not ctx.distributed:
-        return tensors
-    flat = ctx.all_reduce_mean(torch.cat([t.detach().reshape(-1) for t in tensors]))
-    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-
-
-def _average_gradients(ctx, optimizer: torch.optim.Optimizer) -> None:
-    """DDP's gradient average, by hand: every gradient of ``optimizer``'s parameters becomes its mean over ranks."""
-    if ctx.distributed:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        for grad, mean in zip(grads, _mean_over_ranks(ctx, grads)):
-            grad.copy_(mean)
-
-
 def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[HierarchicalVAE, JointEBMPrior | None, dict]:
     """The run's VAE and (after ``joint``) EBM prior, frozen, and its config."""
     config = read_json(os.path.join(run_dir, "config.json"))
@@ -284,7 +267,7 @@ def _train_gaussian(ctx, data, out, *, steps, batch_size, lr_g, kl_warmup, chann
     for step in bar:
         x = ctx.shard(x_train[batch_indices(len(x_train), batch_size, seed, step)]).to(device)
         terms = loss_terms(x, kl_weight=min(1.0, (step + 1) / warmup_steps))
-        logged = dict(zip(terms, _mean_over_ranks(ctx, list(terms.values()))))  # the global batch's batch means
+        logged = dict(zip(terms, ctx.mean_over_ranks(list(terms.values()))))  # the global batch's batch means
         _check_finite(logged["loss"].item(), "the negative ELBO", step, "lower --lr-g")
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -444,13 +427,13 @@ def _train_joint(ctx, data, out, *, init_from, scheme, steps, batch_size, lr_e, 
         gap = f_pos.sum(1).mean() - f_neg.sum(1).mean()  # f(z⁺) − f(z⁻): > 0 while the EBM separates them
         # the global batch's values, on every rank (batch means: the mean over ranks; |f|: the max over ranks)
         loss_value, gap, f_groups_pos, f_groups_neg, *term_values = (
-            t.tolist() for t in _mean_over_ranks(ctx, [loss, gap, f_pos.mean(0), f_neg.mean(0), *terms.values()]))
+            t.tolist() for t in ctx.mean_over_ranks([loss, gap, f_pos.mean(0), f_neg.mean(0), *terms.values()]))
         f_max = ctx.all_gather(torch.stack([f_neg.abs().max(), f_pos.abs().max()]).detach()[None]).max(0).values
         _check_finite(loss_value, "the loss", step, "lower --lr-e or --prior-step-size")
         _check_finite(f_max.sum().item(), "|f|", step, "lower --lr-e")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        _average_gradients(ctx, optimizer)
+        ctx.average_gradients(p for group in optimizer.param_groups for p in group["params"])
         optimizer.step()
         elapsed = time.perf_counter() - begin
         bar.set_postfix(loss=f"{loss_value:.3f}", gap=f"{gap:.3f}",

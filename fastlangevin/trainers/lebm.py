@@ -128,9 +128,7 @@ def _train_step(ctx, net, optimizer, chains, s, step, x) -> dict:
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward(inputs=net.generator_parameters())
     loss_e.backward(inputs=net.energy_parameters())
-    if ctx.distributed:
-        for p in net.parameters():
-            p.grad = ctx.all_reduce_mean(p.grad)
+    ctx.average_gradients(net.parameters())
     optimizer.step()
     out = {k: ctx.all_reduce_mean(v.item()) for k, v in terms.items()}
     loss_e = ctx.all_reduce_mean(loss_e.item())
