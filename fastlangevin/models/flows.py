@@ -11,7 +11,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastlangevin.models.nets import coupling_mlp
@@ -87,9 +86,15 @@ class InvertibleLinear(nn.Module):
         return torch.einsum("oc,bc...->bo...", torch.linalg.inv(self.weight()), y)
 
 
+SCALE_FLOOR = 0.05  # an affine coupling's smallest scale: its inverse grows a value at most 1/0.05 = 20×
+
+
 class AffineCoupling(nn.Module):
     """GLOW's affine coupling. The channels split into x_a (the first C // 2) and x_b; y_a = x_a and
-    y_b = (x_b + t) · σ(h + 2) with (t, h) = net(x_a). σ(· + 2) keeps the scale in (0, 1), near 0.88 at the start.
+    y_b = (x_b + t) · s with (t, h) = net(x_a) and s = δ + (1 − δ)·σ(h + 2), δ = ``SCALE_FLOOR``: the scale stays in
+    (δ, 1), near 0.89 at the start. GLOW's plain σ(h + 2) lets the inverse divide by e⁻¹⁰⁰ where the net sees inputs
+    far from its training range (a Langevin chain through G = flow⁻¹ found such latents: G overflowed); the floor
+    bounds each coupling's inverse to a 20× growth.
     ``make_net(in_channels, out_channels)`` builds the conditioning net (an MLP for vectors, a conv net for images)."""
 
     def __init__(self, channels: int, make_net: Callable[[int, int], nn.Module]):
@@ -101,7 +106,7 @@ class AffineCoupling(nn.Module):
 
     def _shift_log_scale(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.net(x_a)
-        return h[:, 0::2], F.logsigmoid(h[:, 1::2] + 2.0)
+        return h[:, 0::2], torch.log(SCALE_FLOOR + (1 - SCALE_FLOOR) * torch.sigmoid(h[:, 1::2] + 2.0))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_a, x_b = x[:, :self.split], x[:, self.split:]
