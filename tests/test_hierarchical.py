@@ -16,27 +16,10 @@ from fastlangevin.models.hierarchical import EpsilonEnergy, Gaussian, Hierarchic
     channels_for_params
 from fastlangevin.trainers import commands, load_checkpoint
 from fastlangevin.trainers.hierarchical import generate, load_run, resample_lower, sample_epsilon, train_hierarchical
+from tests.nets import one_thread, perturbed  # noqa: F401 (one_thread: an autouse fixture)
 
 TINY = dict(data_shape=(1, 8, 8), latent_channels=(2, 2, 1), channels=8, n_cells=1)
 TOL = dict(rtol=1e-10, atol=1e-10)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def perturbed(module, scale=0.3, seed=0):
-    """The module in float64 with every parameter moved off its initialisation (so σ_i, μ_i depend on z_<i)."""
-    torch.manual_seed(seed)
-    module = module.double()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -15,28 +15,9 @@ from fastlangevin.data import make_dataset
 from fastlangevin.models import GLF, MODELS, VAE, ActNorm, AffineCoupling, Glow, InvertibleLinear, SplitPrior, \
     Squeeze, VectorFlow, flow_step, make_model
 from fastlangevin.models.nets import coupling_convnet, coupling_mlp, dcgan_layout
+from tests.nets import one_thread, perturbed  # noqa: F401 (one_thread: an autouse fixture)
 
 TOL = dict(rtol=1e-10, atol=1e-10)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add overhead, and on a busy 2-core machine two of them wait on
-    each other at every op (the file ran 10× slower with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def perturbed(module, scale=0.3, seed=0):
-    """The module in float64 with every parameter moved off its (often identity) initialisation."""
-    torch.manual_seed(seed)
-    module = module.double()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module
 
 
 def initialised(module, x, scale=0.3):

@@ -264,18 +264,23 @@ def _train_tilt(ctx: distributed.DistributedContext, run_dir, *, steps, batch_si
     return ctx.broadcast(metrics)
 
 
-def _draw(run_dir, n: int, seed: int, n_steps: int | None, which: str, device: str):
+def _load_tilted(run_dir, which: str, device: str):
+    """The run's frozen backbone and energy: (base, energy, config, energy checkpoint metadata)."""
     base, config = load_base(run_dir, device)
     if "tilt" not in config:
         raise FileNotFoundError(f"{run_dir} has no tilted model; run `fastlangevin tilt {run_dir}` first")
-    t = config["tilt"]
-    energy, meta = load_energy(run_dir, base.data_shape, t, which, device)
+    energy, meta = load_energy(run_dir, base.data_shape, config["tilt"], which, device)
+    return base, energy, config, meta
+
+
+def _draw(base, energy, tilt_config: dict, n: int, seed: int, n_steps: int | None, device: str):
+    """n samples of the base and of the tilted model from the same z0: (before, after), each (n, *data_shape)."""
     z0 = torch.randn(n, base.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     with torch.no_grad():
         before = base.generate(z0).cpu()
-    after = sample_tilted(base, energy, z0, n_steps or t["sample_steps"], t["step_size"], seed=seed,
-                          clip_grad=t.get("clip_grad"))
-    return before, after, config, meta
+    after = sample_tilted(base, energy, z0, n_steps or tilt_config["sample_steps"], tilt_config["step_size"],
+                          seed=seed, clip_grad=tilt_config.get("clip_grad"))
+    return before, after
 
 
 def langevin_transition(base, energy, z0: torch.Tensor, at_steps, step_size: float, seed: int,
@@ -299,15 +304,14 @@ def sample_run(run_dir: str | os.PathLike, *, n: int = 2000, seed: int = 0, n_st
     the run's 100) and write RUN_DIR/samples_before_after.png side by side, and RUN_DIR/langevin_transition.png:
     the tilted chains at a few steps from 0 to ``n_steps`` (the paper's Figure 3; for images 8 chains as rows).
     Returns the first PNG's path."""
-    before, after, config, meta = _draw(run_dir, n, seed, n_steps, which, device)
+    base, energy, config, meta = _load_tilted(run_dir, which, device)
     b, t = config["base"], config["tilt"]
+    before, after = _draw(base, energy, t, n, seed, n_steps, device)
     data = make_dataset(b["data"], b["data_dir"], "test", seed=b["seed"],
                         n_samples=n if b["data"] in TOY_DATASETS else None)
     path = plot_panels([(f"base {b['model']}", before), (f"tilted (EBM step {meta['step']})", after),
                         ("held-out data", data.tensors()[0][:n])],
                        os.path.join(run_dir, "samples_before_after.png"), data)
-    base, _ = load_base(run_dir, device)
-    energy, _ = load_energy(run_dir, base.data_shape, t, which, device)
     total = n_steps or t["sample_steps"]
     at_steps = sorted({0, total // 10, total // 4, total // 2, total})
     image = len(base.data_shape) == 3
@@ -329,7 +333,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, n: int = 5000, seed: int = 123, 
     """Sample quality of the base and the tilted model against the test split (n samples each, the same z0);
     written to RUN_DIR/evaluation.json and returned. ``figure``: also plot the scored samples there, as the paper's
     Figure 1 (held-out data | base | base + latent EBM)."""
-    before, after, config, meta = _draw(run_dir, n, seed, n_steps, which, device)
+    base, energy, config, meta = _load_tilted(run_dir, which, device)
+    before, after = _draw(base, energy, config["tilt"], n, seed, n_steps, device)
     b = config["base"]
     test = make_dataset(b["data"], b["data_dir"], "test", seed=b["seed"],
                         n_samples=n if b["data"] in TOY_DATASETS else None)
