@@ -1,18 +1,60 @@
-"""The one Dataset class every loader returns: samples and targets held in memory."""
+"""The one Dataset class every loader returns (samples and targets held in memory), and the split helpers the
+loaders share."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-SPLITS = ("train", "test")
+# Every data set has the three, pairwise disjoint: "train" for fitting, "validation" for model selection and early
+# stopping (never fitted on), "test" for the numbers reported. How each data set draws them: fastlangevin.data.
+SPLITS = ("train", "validation", "test")
 
 
-def check_split(split: str) -> int:
-    """The split's index in ``SPLITS``; a clear error for anything else."""
+def check_split(split: str) -> str:
+    """``split`` unchanged; a clear error unless it is one of ``SPLITS``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return SPLITS.index(split)
+    return split
+
+
+def carve_validation(n_train: int, split: str, divisor: int) -> slice:
+    """Rows of a train file that ``split`` ("train" or "validation") keeps when the validation split is the last
+    ⌈n_train / divisor⌉ of them (Keras' ``validation_split`` convention; the standard files are already shuffled):
+    ``divisor`` 12 leaves 55 000 / 5 000 of MNIST's 60 000, 10 leaves 45 000 / 5 000 of CIFAR-10's 50 000."""
+    n_validation = math.ceil(n_train / divisor)
+    if n_train - n_validation < 1:
+        raise ValueError(f"{n_train} training sample(s) are too few to hold out a validation split")
+    return slice(n_train - n_validation, None) if split == "validation" else slice(0, n_train - n_validation)
+
+
+def stratified_split(labels: np.ndarray, per_class: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """A fixed split of a labelled pool: ``per_class[split]`` samples of every class in each split of ``SPLITS``.
+
+    One permutation of the pool (``numpy.random.default_rng(seed)``) decides membership: going along it, the first
+    ``per_class[SPLITS[0]]`` samples met of each class go to that split, the next ones to the next split, and so on.
+    A second permutation from the same generator orders each split (classes interleaved, so a prefix of any split
+    is roughly balanced). Returns split → indices into ``labels``. Raises ValueError when a class has fewer samples
+    than ``sum(per_class.values())``.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    rank = np.empty(len(labels), dtype=np.int64)  # position of each sample among its class, in permutation order
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        if len(members) < sum(per_class.values()):
+            raise ValueError(f"class {c} has {len(members)} samples; the split needs {sum(per_class.values())}")
+        rank[members] = np.arange(len(members))
+    out, start = {}, 0
+    for split in SPLITS:
+        stop = start + per_class[split]
+        out[split] = rng.permutation(np.flatnonzero((rank >= start) & (rank < stop)))
+        start = stop
+    return out
 
 
 def check_classes(classes) -> list[int]:

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastlangevin.data.base import ArrayDataset, check_split
+from fastlangevin.data.base import ArrayDataset, carve_validation, check_split
 from fastlangevin.data.files import DataFormatError, locate_files
 
 CIFAR10_SUBDIRS = ("cifar-10-batches-py", "")
 CIFAR10_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+VALIDATION_DIVISOR = 10  # the validation split is the last 1/10 of the train batches: 5 000 of 50 000
 _PIXELS = 3 * 32 * 32
 
 # A batch is a dict of bytes, lists and one uint8 ndarray; these are the only globals such a pickle names
@@ -62,12 +63,18 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cifar10_dataset(data_dir: str | os.PathLike | None, split: str = "train") -> ArrayDataset:
-    """x: (3, 32, 32) float32 in [0, 1] (byte / 255); targets: the class (int64). Reads ``CIFAR10_FILES[split]``
-    from ``data_dir/cifar-10-batches-py`` (the folder the official archive unpacks to) or ``data_dir``."""
+    """x: (3, 32, 32) float32 in [0, 1] (byte / 255); targets: the class (int64). Reads ``CIFAR10_FILES``
+    from ``data_dir/cifar-10-batches-py`` (the folder the official archive unpacks to) or ``data_dir``: the test
+    split is ``test_batch``; the train batches give the validation split (their last 1/10: the second half of
+    ``data_batch_5``, 5 000 images) and the train split (the first 45 000)."""
     check_split(split)
-    paths = locate_files(data_dir, "cifar10", CIFAR10_SUBDIRS, [(name,) for name in CIFAR10_FILES[split]])
+    files = CIFAR10_FILES["test" if split == "test" else "train"]
+    paths = locate_files(data_dir, "cifar10", CIFAR10_SUBDIRS, [(name,) for name in files])
     batches = [read_cifar_batch(p) for p in paths]
     images = np.concatenate([b[0] for b in batches])
     labels = np.concatenate([b[1] for b in batches])
+    if split != "test":
+        rows = carve_validation(len(labels), split, VALIDATION_DIVISOR)
+        images, labels = images[rows].copy(), labels[rows].copy()  # copies: a view would keep all 50 000 alive
     return ArrayDataset(torch.from_numpy(images), torch.from_numpy(labels), name="cifar10", split=split,
                         max_value=255.0, n_levels=256)

@@ -13,6 +13,7 @@ TOY_DATASETS = ("25gaussians", "swissroll")
 _SCALE_25 = 2.828  # DOT divides by this ("stdev")
 _STD_25 = 0.05  # per-mode standard deviation before the division
 _SCALE_SWISS = 7.5  # DOT: "stdev plus a little"
+_STREAM = {"train": 0, "test": 1, "validation": 2}  # each split's random stream (validation came last)
 
 
 def twenty_five_gaussians_modes() -> tuple[torch.Tensor, float]:
@@ -44,7 +45,8 @@ def swiss_roll(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Te
 
 
 def toy_dataset(name: str, split: str = "train", n_samples: int = 10_000, seed: int = 0) -> ArrayDataset:
-    """A fixed sample of a toy distribution. The train and test splits of one seed are independent draws.
+    """A fixed sample of a toy distribution. The train, validation and test splits of one seed are independent
+    draws of ``n_samples`` each.
 
     targets: the mode index (int64) for 25-Gaussians, the position t along the roll (float32) for the Swiss roll.
     """
@@ -52,7 +54,7 @@ def toy_dataset(name: str, split: str = "train", n_samples: int = 10_000, seed: 
         raise ValueError(f"unknown toy data set {name!r}; choose one of {TOY_DATASETS}")
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    rng = np.random.default_rng([seed, check_split(split), TOY_DATASETS.index(name)])
+    rng = np.random.default_rng([seed, _STREAM[check_split(split)], TOY_DATASETS.index(name)])
     if name == "25gaussians":
         points, modes = twenty_five_gaussians(n_samples, rng)
         means, std = twenty_five_gaussians_modes()

@@ -33,8 +33,12 @@ META_KEY = "fastlangevin"
 class ClassifierConfig:
     """width: channels of the first conv stage (the second has 2·width); feature_dim: the penultimate layer, i.e.
     the Fréchet features; Adam updates of batch_size: ``epochs`` passes over the train split but at least
-    ``min_steps`` (digits: 400 updates ≈ 18 epochs, about 2 CPU-seconds on one thread; MNIST: 3 epochs); seed:
-    initialisation and batch order."""
+    ``min_steps``; seed: initialisation and batch order.
+
+    Measured with these defaults (test-split accuracy, one CPU thread; docs/RESULTS.md has the command):
+    digits 96.7 % (400 updates ≈ 20 epochs of 1 257 images, about 5 s); mnist5k 95.3 % (400 updates ≈ 7 epochs
+    of 3 500 images, about 40 s; ``epochs=20`` reaches 97.2 % in 2 min); fashion5k 84.8 %; full MNIST: 3 epochs.
+    """
     width: int = 16
     feature_dim: int = 64
     epochs: float = 3.0
