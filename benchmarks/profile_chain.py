@@ -15,8 +15,9 @@ one-step chain once between them (for ``--profile-from-start off``); ``torch`` r
 the chain up first (compilation, cuBLAS handles, caches), outside the profiled range.
 
 Energies (the models of ``fastlangevin bench``): ``mlp-fused`` — ``fl.MLPEnergy`` 100-200-200-1, the fully fused chain
-where the build has it; ``mlp-step`` — the same MLP as a plain callable: autograd gradient + fused step op per step;
-``conv`` — E(G(z)) with conv layers, step op per step; ``eager`` — LEBM's published loop on the MLP (the baseline).
+where the build has it; ``mlp-step`` — the same MLP as an ``nn.Module``: autograd gradient + fused step op per step
+(no CUDA graph); ``conv`` — E(G(z)) with conv layers, step op per step; ``eager`` — LEBM's published loop on the MLP
+(the baseline).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import sys
 import torch
 
 import fastlangevin as fl
-from fastlangevin.bench import (CONV_BATCH, CONV_STEP_SIZE, CONV_STEPS, IMPLEMENTATIONS, MLP_DIMS, MLP_STEP_SIZE,
-                                MLP_STEPS, ConvModel, MLPModel, Prepared, sync)
+from harness.implementations import IMPLEMENTATIONS, Prepared
+from harness.models import (CONV_BATCH, CONV_STEP_SIZE, CONV_STEPS, MLP_DIMS, MLP_STEP_SIZE, MLP_STEPS, ConvModel,
+                            MLPModel)
+from harness.timing import sync
 
 ENERGIES = {"mlp-fused": ("mlp", "fused"), "mlp-step": ("mlp", "step-op"), "conv": ("conv", "step-op"),
             "eager": ("mlp", "eager")}

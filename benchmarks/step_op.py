@@ -3,7 +3,8 @@
     python benchmarks/step_op.py [--device cpu|cuda] [--dtype float32] [--max-log2 24] [--json out.json]
 
 Effective bandwidth counts the minimum traffic of a step: z and grad read, z written (3·n·itemsize bytes); the
-copy rate is ``out.copy_(z)`` (2·n·itemsize bytes) measured in the same run on the same device.
+copy rate is ``out.copy_(z)`` (2·n·itemsize bytes) measured in the same run on the same device. Times are medians:
+on a GPU of CUDA-event timings with the L2 cache flushed before each run (``triton.testing.do_bench``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import sys
 
 import torch
 
-from fastlangevin.backends import AUTO_ORDER, backend_status
-from fastlangevin.bench import machine, print_table, time_call, write_json
+from fastlangevin.backends import AUTO_ORDER, SUPPORTED_DTYPES, backend_status
 from fastlangevin.ops.langevin_step import make_rng_state, run_step
+from harness.machine import machine
+from harness.tables import print_table, write_json
+from harness.timing import time_call
 
 STEP_SIZE, NOISE_SCALE = 0.01, 0.1
 
@@ -25,10 +28,11 @@ def eager_step(z, grad):
     return z - 0.5 * STEP_SIZE * (grad + z) + NOISE_SCALE * torch.randn_like(z)
 
 
-def implementations(device: str) -> dict:
+def implementations(device: str, dtype: torch.dtype = torch.float32) -> dict:
+    """``{"eager": eager_step, backend name: backend name, ...}`` for every backend that runs ``dtype`` here."""
     impls = {"eager": eager_step}
     for backend in AUTO_ORDER[torch.device(device).type]:
-        if backend_status(backend, torch.device(device).type).available:
+        if dtype in SUPPORTED_DTYPES[backend] and backend_status(backend, torch.device(device).type).available:
             impls[backend] = backend
     return impls
 
@@ -45,7 +49,7 @@ def run(device: str, dtype: torch.dtype, log2_sizes, repeats: int) -> list[dict]
         copy = time_call(lambda: out.copy_(z), device, repeats)
         copy_gbs = 2 * n * itemsize / copy["median"] / 1e9
         eager_time = None
-        for name, impl in implementations(device).items():
+        for name, impl in implementations(device, dtype).items():
             if callable(impl):
                 fn = lambda: impl(z, grad)
             else:
@@ -53,7 +57,8 @@ def run(device: str, dtype: torch.dtype, log2_sizes, repeats: int) -> list[dict]
             t = time_call(fn, device, repeats)
             eager_time = t["median"] if name == "eager" else eager_time
             gbs = 3 * n * itemsize / t["median"] / 1e9
-            rows.append(dict(n=f"2^{log2}", impl=name, us=t["median"] * 1e6, us_min=t["min"] * 1e6,
+            rows.append(dict(n=f"2^{log2}", log2=log2, dtype=str(dtype).removeprefix("torch."), impl=name,
+                             us=t["median"] * 1e6, us_min=t["min"] * 1e6,
                              us_max=t["max"] * 1e6, gbs=gbs, of_copy=gbs / copy_gbs,
                              vs_eager=eager_time / t["median"], copy_gbs=copy_gbs))
     return rows

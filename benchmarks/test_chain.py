@@ -1,5 +1,5 @@
-"""pytest-benchmark version of ``fastlangevin bench``: one test per distinct chain, grouped by model and batch so
-``--benchmark-compare`` lines up runs and the implementations of one shape sit in one table.
+"""pytest-benchmark version of ``fastlangevin bench`` (``chain_bench.py``): one test per distinct chain, grouped by
+model and batch so ``--benchmark-compare`` lines up runs and the implementations of one shape sit in one table.
 
     pytest benchmarks/test_chain.py --benchmark-only [--benchmark-autosave] [--benchmark-compare]
     pytest benchmarks/test_chain.py --benchmark-only -k "B64 or conv"         # a subset
@@ -13,7 +13,10 @@ import time
 import pytest
 import torch
 
-from fastlangevin.bench import CASES, Skip, chain_specs, prepare, sync
+from harness.flops import chain_flop
+from harness.implementations import Skip
+from harness.measure import CASES, chain_specs, prepare
+from harness.timing import sync
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SPECS = list({spec.key: spec for spec in chain_specs(CASES)}.values())
@@ -40,5 +43,5 @@ def test_chain(benchmark, spec):
     rounds = max(3, min(20, int(5.0 / (time.perf_counter() - t0))))
     benchmark.group = f"{spec.group} {DEVICE}"
     benchmark.extra_info.update(backend=prepared.backend, compile_s=prepared.compile_s, note=prepared.note,
-                                gflop_per_chain=4 * model.macs * spec.batch * spec.n_steps / 1e9)
+                                gflop_per_chain=chain_flop(model.macs, spec.batch, spec.n_steps) / 1e9)
     benchmark.pedantic(chain, rounds=rounds, iterations=1)

@@ -21,9 +21,9 @@ import tempfile
 
 import torch
 
-from fastlangevin.bench import machine
 from fastlangevin.trainers import train_tilt
 from fastlangevin.trainers.chains import SAMPLERS
+from harness.machine import machine
 
 BACKBONE_FILES = ("config.json", "base.safetensors")
 

@@ -26,15 +26,14 @@ def main(argv=None) -> int:
 
     sub.add_parser("info", help="which backends are built and available here, and why")
 
-    bench = sub.add_parser("bench", help="time whole Langevin chains: eager PyTorch, torch.compile, the step op, "
-                                         "the fused chain, JAX; prints a table, writes JSON and a PNG")
-    bench.add_argument("--quick", action="store_true", help="a subset that runs in about a minute")
-    bench.add_argument("--cases", default="mlp,conv,scaling", help="comma-separated: mlp, conv, scaling")
-    bench.add_argument("--out", default="bench-out", help="folder for chain_bench.json and .png (default: bench-out)")
-    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    bench.add_argument("--repeats", type=int, default=None, help="timed chains per row (default 10, quick 5; "
-                                                                 "long chains stop after 3)")
+    sub.add_parser("bench", add_help=False,  # its options are benchmarks/chain_bench.py's (fastlangevin bench -h)
+                   help="time whole Langevin chains (eager, torch.compile, step op, CUDA graph, fused, JAX) from a "
+                        "source checkout's benchmarks/; prints a table, writes JSON and a PNG")
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from fastlangevin.bench import main as bench
+        return bench(argv[1:])
     args = parser.parse_args(argv)
     if trainer_commands.run(args):
         return 0
@@ -47,10 +46,6 @@ def main(argv=None) -> int:
     elif args.command == "info":
         import fastlangevin as fl
         print(fl.backend_info())
-    elif args.command == "bench":
-        from fastlangevin.bench import run_bench
-        cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
-        run_bench(args.out, cases, args.quick, args.device, args.repeats)
     return 0
 
 

@@ -1,20 +1,16 @@
 """benchmarks/profile_chain.py: the torch.profiler trace on the CPU at a tiny size; the Nsight modes on a GPU."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_chain.py"
+from tests.benchmark_scripts import load
 
 
 @pytest.fixture(scope="module")
 def profile_chain():
-    spec = importlib.util.spec_from_file_location("profile_chain", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("profile_chain")
 
 
 def _events(path):
