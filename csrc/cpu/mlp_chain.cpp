@@ -1,49 +1,45 @@
 // The fully fused Langevin chain of an MLP energy on the CPU (contract: fastlangevin/ops/mlp_chain.py).
 //
 // Layout. Samples are cut into tiles of TB = NV * (SIMD lanes) samples; each thread owns whole tiles and runs all
-// K steps on one tile before the next, so the tile's state and activations (a few hundred KiB at most) stay in L1/L2
-// for the whole chain. Inside a tile every array is feature-major, one row of TB samples per feature: the samples
-// sit in the SIMD lanes, so per-sample quantities (energies, gradient norms, clipping scales, the MALA test) are
-// plain vector arithmetic across lanes and no layer width needs padding.
+// K steps on one tile before the next, so the tile's state and activations stay in L1/L2 for the whole chain.
+// Inside a tile every array is feature-major, one row of TB samples per feature: the samples sit in the SIMD lanes,
+// so per-sample quantities (energies, gradient norms, clipping scales, the MALA test) are plain vector arithmetic
+// across lanes and no layer width needs padding.
 //
-// Layer products. Forward, a_{l+1} (N x TB) = W_l (N x K) . h_l (K x TB); backward, delta_l (K x TB) =
-// W_l^T (K x N) . delta_{l+1} (N x TB). Both are C = P . X with a register-blocked micro-kernel: MR output rows x NV
-// vectors of accumulators, one weight broadcast and NV vector loads per k and MR * NV FMAs. The weights are packed
-// once per call into MR-row panels for both directions (shared read-only by the threads; ~0.5 MB for 100-200-200-1
-// float32, so they stay in each core's L2). The activation and its derivative (forward), the derivative product
-// (backward) and, for the last hidden layer, the energy (a dot product with the width-1 output layer) and the first
-// delta are applied to each MR x TB block while it is in L1. Gradient norms, clipping, the prior term, the Philox
-// noise (the step kernel's generator, cpu_noise.h) and the update then run over the tile's D x TB gradient.
+// Layer products (cpu_gemm.h). Forward, a_l (n_out x TB) = W_l (n_out x n_in) . x_l (n_in x TB); backward,
+// W_l^T . delta_l. The weights are packed once per call into panels for both directions, shared read-only by the
+// threads. The activation and its slope (forward), the slope product (backward) and, for the last hidden layer, the
+// scalar output layer (a dot product) and the first delta run on each panel of rows while it is in L1. Gradient
+// norms, clipping, the prior term, the Philox noise (the step kernel's generator, cpu_noise.h) and the update then
+// run over the tile's D x TB gradient.
 //
-// The micro-kernel uses AVX-512 (or AVX2 + FMA) intrinsics with explicit FMAs; everything else is plain loops that
-// the compiler vectorises. The file is compiled with -ffp-contract=off like the step kernel, so the update rounds
-// like the reference.
+// Notation of one evaluation of the network at x_0 = z: a_l = W_l x_l + b_l, x_{l+1} = act_l(a_l),
+// slope_l = act_l'(a_l), delta_l = dE/da_l; delta_l = (W_{l+1}^T delta_{l+1}) * slope_l and grad E = W_0^T delta_0.
+//
+// The file is compiled with -ffp-contract=off like the step kernel, so the update rounds like the reference.
 #include "fastlangevin/mlp_chain.h"
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <new>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
+#include "fastlangevin/codes.h"
 #include "fastlangevin/cpu.h"
-#include "fastlangevin/cpu_math.h"
+#include "fastlangevin/cpu_activations.h"
+#include "fastlangevin/cpu_gemm.h"
 #include "fastlangevin/cpu_noise.h"
+#include "fastlangevin/cpu_simd.h"
 #include "fastlangevin/langevin_step.h"
 #include "fastlangevin/philox.h"
 
@@ -51,327 +47,90 @@ namespace fastlangevin {
 namespace cpu {
 namespace {
 
-// ---- The vector type of the micro-kernel ----------------------------------------------------------------------
+// ---- The networks, packed once per call -----------------------------------------------------------------------
 
 template <typename T>
-struct Vec;
+struct Layer {
+  int n_in = 0, n_out = 0;
+  Packed<T> forward{};   // W (n_out x n_in) in panels of output rows
+  Packed<T> backward{};  // W^T (n_in x n_out) in panels of input rows
+  const T* weight = nullptr;  // W, row-major (the scalar output layer reads it directly, unpacked)
+  const T* bias = nullptr;    // (n_out,): zeros where the network has no biases
+  int activation = kActIdentity;
+  T param = 0;
+};
 
-#if defined(__AVX512F__)
-template <>
-struct Vec<float> {
-  using V = __m512;
-  static constexpr int kLanes = 16;
-  static FL_FORCEINLINE V zero() { return _mm512_setzero_ps(); }
-  static FL_FORCEINLINE V load(const float* p) { return _mm512_load_ps(p); }
-  static FL_FORCEINLINE V set1(float x) { return _mm512_set1_ps(x); }
-  static FL_FORCEINLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static FL_FORCEINLINE void store(float* p, V v) { _mm512_store_ps(p, v); }
-};
-template <>
-struct Vec<double> {
-  using V = __m512d;
-  static constexpr int kLanes = 8;
-  static FL_FORCEINLINE V zero() { return _mm512_setzero_pd(); }
-  static FL_FORCEINLINE V load(const double* p) { return _mm512_load_pd(p); }
-  static FL_FORCEINLINE V set1(double x) { return _mm512_set1_pd(x); }
-  static FL_FORCEINLINE V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
-  static FL_FORCEINLINE void store(double* p, V v) { _mm512_store_pd(p, v); }
-};
-#elif defined(__AVX2__) && defined(__FMA__)
-template <>
-struct Vec<float> {
-  using V = __m256;
-  static constexpr int kLanes = 8;
-  static FL_FORCEINLINE V zero() { return _mm256_setzero_ps(); }
-  static FL_FORCEINLINE V load(const float* p) { return _mm256_load_ps(p); }
-  static FL_FORCEINLINE V set1(float x) { return _mm256_set1_ps(x); }
-  static FL_FORCEINLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static FL_FORCEINLINE void store(float* p, V v) { _mm256_store_ps(p, v); }
-};
-template <>
-struct Vec<double> {
-  using V = __m256d;
-  static constexpr int kLanes = 4;
-  static FL_FORCEINLINE V zero() { return _mm256_setzero_pd(); }
-  static FL_FORCEINLINE V load(const double* p) { return _mm256_load_pd(p); }
-  static FL_FORCEINLINE V set1(double x) { return _mm256_set1_pd(x); }
-  static FL_FORCEINLINE V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
-  static FL_FORCEINLINE void store(double* p, V v) { _mm256_store_pd(p, v); }
-};
-#else
-// Portable fallback (SSE2, NEON, ...): four lanes in a struct; the compiler vectorises what it can.
+// Everything one call evaluates: the energy network (its last layer has one output and is not packed), and the
+// storage and jobs behind the packed panels.
 template <typename T>
-struct Vec {
-  struct V {
-    T v[4];
-  };
-  static constexpr int kLanes = 4;
-  static FL_FORCEINLINE V zero() { return V{{T(0), T(0), T(0), T(0)}}; }
-  static FL_FORCEINLINE V load(const T* p) { return V{{p[0], p[1], p[2], p[3]}}; }
-  static FL_FORCEINLINE V set1(T x) { return V{{x, x, x, x}}; }
-  static FL_FORCEINLINE V fma(V a, V b, V c) {
-    for (int i = 0; i < 4; ++i) c.v[i] += a.v[i] * b.v[i];
-    return c;
-  }
-  static FL_FORCEINLINE void store(T* p, V v) {
-    for (int i = 0; i < 4; ++i) p[i] = v.v[i];
-  }
-};
-#endif
-
-constexpr int kAlign = 64;  // bytes: tile rows are whole vectors, so aligned loads are always legal
-
-// Micro-kernel rows MR for NV vectors per tile row: MR * NV accumulators, 24 of the 32 AVX-512 registers (12 of the
-// 16 AVX2 ones), which leaves room for the NV loaded vectors and the broadcast weight.
-#if defined(__AVX512F__)
-constexpr int kMaxAccumulators = 24;
-#else
-constexpr int kMaxAccumulators = 12;
-#endif
-template <int NV>
-constexpr int rows_per_block() {
-  return kMaxAccumulators / NV;
-}
-
-// ---- Aligned scratch -----------------------------------------------------------------------------------------
-
-template <typename T>
-class Buffer {
- public:
-  Buffer() = default;
-  explicit Buffer(size_t n) : n_(n) {
-    if (n) p_ = static_cast<T*>(::operator new[](n * sizeof(T), std::align_val_t(kAlign)));
-  }
-  Buffer(Buffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
-  Buffer& operator=(Buffer&& o) noexcept {
-    std::swap(p_, o.p_);
-    std::swap(n_, o.n_);
-    return *this;
-  }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  ~Buffer() {
-    if (p_) ::operator delete[](p_, std::align_val_t(kAlign));
-  }
-  T* data() const { return p_; }
-  size_t size() const { return n_; }
-
- private:
-  T* p_ = nullptr;
-  size_t n_ = 0;
+struct Model {
+  std::vector<Layer<T>> energy;
+  T sign = 1;
+  AlignedBuffer<T> storage;         // packed panels, zero biases
+  std::vector<PackJob<T>> packing;  // what fills the panels (run by the threads of the chain, see run_tiles)
 };
 
-// Rounds a count of elements up to whole cache lines, so that every sub-array of a workspace starts aligned.
+// Hands out consecutive cache-line-aligned arrays of one buffer; with base == nullptr it only counts, so that one
+// layout function both sizes and carves a buffer.
 template <typename T>
-size_t whole_lines(size_t n) {
-  constexpr size_t per_line = kAlign / sizeof(T);
-  return (n + per_line - 1) / per_line * per_line;
-}
+struct Carver {
+  T* base = nullptr;
+  size_t used = 0;
+  T* take(size_t n) {
+    T* p = base ? base + used : nullptr;
+    used += whole_lines<T>(n);
+    return p;
+  }
+};
 
-// dst[b] = src[b * stride] for b < n <= TB (a column of a row-major block into a tile row); lanes from n on are left
-// as they are. AVX-512 gathers a vector at a time (the compiler leaves this strided copy scalar).
-template <typename T, int TB>
-FL_FORCEINLINE void gather_lanes(const T* src, int stride, int n, T* dst) {
-#if defined(__AVX512F__)
-  constexpr int L = Vec<T>::kLanes;
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int b0 = 0; b0 < n; b0 += L) {
-    const int left = n - b0;
-    const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-    const __m512i idx = _mm512_mullo_epi32(iota, _mm512_set1_epi32(stride));
-    const T* base = src + (int64_t)b0 * stride;
-    if constexpr (std::is_same<T, float>::value) {
-      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, base, 4);
-      _mm512_mask_store_ps(dst + b0, m, v);
-    } else {
-      const __m512d v = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), (__mmask8)m, _mm512_castsi512_si256(idx), base, 8);
-      _mm512_mask_store_pd(dst + b0, (__mmask8)m, v);
+// Lays out the layers of `spec` in `carve`'s buffer: forward and backward panels for every layer except a scalar
+// output layer, zero biases where there are none. Fills `layers` and `jobs` when carving (not when counting).
+template <typename T>
+void layout_network(const MLPNetwork& spec, bool scalar_output, int max_mr, Carver<T>& carve,
+                    std::vector<Layer<T>>& layers, std::vector<PackJob<T>>& jobs) {
+  const int L = (int)spec.dims.size() - 1;
+  const bool counting = carve.base == nullptr;
+  if (!counting) layers.assign(L, Layer<T>());
+  for (int l = 0; l < L; ++l) {
+    const int n_in = (int)spec.dims[l], n_out = (int)spec.dims[l + 1];
+    const T* W = static_cast<const T*>(spec.weights[l]);
+    const bool packed = !(scalar_output && l == L - 1);
+    T* forward = packed ? carve.take((size_t)n_out * n_in) : nullptr;
+    T* backward = packed ? carve.take((size_t)n_out * n_in) : nullptr;
+    T* zero_bias = spec.biases.empty() ? carve.take(n_out) : nullptr;
+    if (counting) continue;
+    Layer<T>& layer = layers[l];
+    layer.n_in = n_in;
+    layer.n_out = n_out;
+    layer.weight = W;
+    layer.activation = spec.activations[l];
+    layer.param = (T)spec.activation_params[l];
+    if (zero_bias) std::fill(zero_bias, zero_bias + n_out, T(0));
+    layer.bias = zero_bias ? zero_bias : static_cast<const T*>(spec.biases[l]);
+    if (packed) {
+      const int mr_out = panel_rows(n_out, max_mr), mr_in = panel_rows(n_in, max_mr);
+      jobs.push_back({W, n_out, n_in, n_in, 1, mr_out, forward});
+      layer.forward = {forward, n_out, n_in, mr_out};
+      jobs.push_back({W, n_in, n_out, 1, n_in, mr_in, backward});
+      layer.backward = {backward, n_in, n_out, mr_in};
     }
   }
-#else
-  for (int b = 0; b < n; ++b) dst[b] = src[(int64_t)b * stride];
-#endif
-}
-
-// ---- The micro-kernel and the blocked product ------------------------------------------------------------------
-
-// C[r * TB + j] = sum_k P[k * MR + r] * X[k * TB + j] for r < MR, j < TB = NV * lanes: one panel of MR output rows
-// (P: the packed weights of those rows, MR per k) against the whole tile.
-template <typename T, int MR, int NV>
-void micro_kernel(const T* __restrict P, const T* __restrict X, int K, T* __restrict C) {
-  using S = Vec<T>;
-  using V = typename S::V;
-  constexpr int L = S::kLanes, TB = NV * L;
-  V acc[MR][NV];
-#pragma GCC unroll 32
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
-  for (int k = 0; k < K; ++k) {
-    V x[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) x[v] = S::load(X + k * TB + v * L);
-#pragma GCC unroll 32
-    for (int r = 0; r < MR; ++r) {
-      const V w = S::set1(P[k * MR + r]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = S::fma(w, x[v], acc[r][v]);
-    }
-  }
-#pragma GCC unroll 32
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) S::store(C + r * TB + v * L, acc[r][v]);
 }
 
 template <typename T>
-using KernelFn = void (*)(const T*, const T*, int, T*);
-
-template <typename T, int NV, int... R>
-constexpr std::array<KernelFn<T>, sizeof...(R)> kernel_table(std::integer_sequence<int, R...>) {
-  return {{&micro_kernel<T, R + 1, NV>...}};
+void build_model(const MLPChainArgs& a, int max_mr, Model<T>& m) {
+  Carver<T> count;
+  layout_network(a.energy, true, max_mr, count, m.energy, m.packing);
+  m.storage = AlignedBuffer<T>(count.used);
+  Carver<T> carve{m.storage.data()};
+  layout_network(a.energy, true, max_mr, carve, m.energy, m.packing);
+  m.sign = (T)a.output_sign;
 }
 
-// A weight matrix packed for C = P . X: `rows` output rows in panels of `mr` rows (the last one narrower), panel n0
-// holding data[n0 * cols + c * h + r] = M(n0 + r, c) with h = min(mr, rows - n0).
-template <typename T>
-struct Packed {
-  const T* data;
-  int rows, cols, mr;
-};
-
-// Panel height for `rows` output rows and micro-kernels of up to max_mr rows: the largest height in
-// [2/3 max_mr, max_mr] that divides rows (200 rows: 10 panels of 20 or 20 of 10, no narrow last panel), else max_mr.
-inline int panel_rows(int rows, int max_mr) {
-  for (int mr = max_mr; 3 * mr >= 2 * max_mr; --mr)
-    if (rows % mr == 0) return mr;
-  return max_mr;
-}
-
-// C (rows x TB) = P . X (cols x TB); epilogue(n0, h) runs on each finished panel of output rows.
-template <typename T, int NV, typename Epilogue>
-FL_FORCEINLINE void product(const Packed<T>& p, const T* X, T* C, Epilogue&& epilogue) {
-  constexpr int MR = rows_per_block<NV>();
-  constexpr int TB = NV * Vec<T>::kLanes;
-  static constexpr std::array<KernelFn<T>, MR> kTable = kernel_table<T, NV>(std::make_integer_sequence<int, MR>());
-  for (int n0 = 0; n0 < p.rows; n0 += p.mr) {
-    const int h = std::min(p.mr, p.rows - n0);
-    kTable[h - 1](p.data + (int64_t)n0 * p.cols, X, p.cols, C + (int64_t)n0 * TB);
-    epilogue(n0, h);
-  }
-}
-
-// Packs M (rows x cols, M(r, c) = src[r * rs + c * cs]) into panels of mr rows (see Packed): the panels
-// i = part, part + parts, ... of it, so that the threads can share the work.
-template <typename T>
-struct PackJob {
-  const T* src;
-  int rows, cols;
-  int64_t rs, cs;
-  int mr;
-  T* dst;
-
-  void run(int part, int parts) const {
-    for (int n0 = part * mr; n0 < rows; n0 += parts * mr) {
-      const int h = std::min(mr, rows - n0);
-      T* panel = dst + (int64_t)n0 * cols;
-      if (rs == 1) {  // W^T: the panel's rows are contiguous in each row of W
-        for (int c = 0; c < cols; ++c) std::memcpy(panel + c * h, src + n0 + c * cs, sizeof(T) * h);
-      } else {
-        for (int r = 0; r < h; ++r) {
-          const T* row = src + (n0 + r) * rs;
-          for (int c = 0; c < cols; ++c) panel[c * h + r] = row[c * cs];
-        }
-      }
-    }
-  }
-};
-
-// ---- Activations: torch's forward and backward formulas ------------------------------------------------------
-
-FL_FORCEINLINE float exp_t(float x) { return simd::exp_f32(x); }
-FL_FORCEINLINE double exp_t(double x) { return std::exp(x); }
-FL_FORCEINLINE float tanh_t(float x) { return simd::tanh_f32(x); }
-FL_FORCEINLINE double tanh_t(double x) { return std::tanh(x); }
-FL_FORCEINLINE float erf_t(float x) { return simd::erf_f32(x); }
-FL_FORCEINLINE double erf_t(double x) { return std::erf(x); }
-FL_FORCEINLINE float log1p_t(float x) { return simd::log1p_f32(x); }
-FL_FORCEINLINE double log1p_t(double x) { return std::log1p(x); }
-
-// c ? x : y. For float as bit masks: with a plain select GCC threads the comparison through the exp and log1p
-// of softplus (their input is clamped on the same condition) and no longer vectorises the loop.
-FL_FORCEINLINE float select_t(bool c, float x, float y) {
-  const uint32_t m = 0u - (uint32_t)c;
-  return simd::float_of((simd::bits_of(x) & m) | (simd::bits_of(y) & ~m));
-}
-FL_FORCEINLINE double select_t(bool c, double x, double y) { return c ? x : y; }
-
-// h = act(a) and d = act'(a) (the factor torch's backward multiplies the incoming gradient by).
-template <int ACT, typename T>
-FL_FORCEINLINE void activation(T a, T param, T& h, T& d) {
-  if constexpr (ACT == kActRelu) {
-    h = a > T(0) ? a : T(0);
-    d = a > T(0) ? T(1) : T(0);
-  } else if constexpr (ACT == kActLeakyRelu) {
-    h = a > T(0) ? a : a * param;
-    d = a > T(0) ? T(1) : param;
-  } else if constexpr (ACT == kActSilu) {
-    const T e = exp_t(-a);
-    const T s = T(1) / (T(1) + e);
-    h = a / (T(1) + e);
-    d = s * (T(1) + a * (T(1) - s));
-  } else if constexpr (ACT == kActGelu) {
-    const T cdf = T(0.5) * (T(1) + erf_t(a * T(0.70710678118654752440)));  // M_SQRT1_2
-    h = a * cdf;
-    d = cdf + a * (exp_t(T(-0.5) * a * a) * T(0.3989422804014327));  // M_2_SQRTPI * M_SQRT1_2 / 2
-  } else if constexpr (ACT == kActGeluTanh) {
-    constexpr T kBeta = T(0.7978845608028654);  // M_SQRT2 * M_2_SQRTPI / 2
-    constexpr T kKappa = T(0.044715);
-    const T a_sq = a * a;
-    const T t = tanh_t(kBeta * (a + kKappa * (a_sq * a)));
-    h = T(0.5) * a * (T(1) + t);
-    d = T(0.5) * (T(1) + t) + (T(0.5) * a) * (T(1) - t * t) * (kBeta * (T(1) + T(3) * kKappa * a_sq));
-  } else if constexpr (ACT == kActElu) {
-    // Both sides computed, then selected: a branch-free body the compiler vectorises.
-    const T neg = a > T(0) ? T(0) : a;  // keeps exp in range where its result is not used
-    const T en = exp_t(neg);
-    T em1;  // e^a - 1: float32 reuses its exp (within the float32 tolerance), float64 takes expm1 for accuracy
-    if constexpr (std::is_same<T, float>::value)
-      em1 = en - T(1);
-    else
-      em1 = std::expm1(neg);
-    const T hn = em1 * param, dn = param * en;
-    h = a > T(0) ? a : hn;
-    d = a > T(0) ? T(1) : dn;
-  } else if constexpr (ACT == kActSoftplus) {
-    const bool linear = a > T(20);
-    const T e = exp_t(std::min(a, T(20)));
-    h = select_t(linear, a, log1p_t(e));
-    d = select_t(linear, T(1), e / (e + T(1)));
-  } else {  // tanh
-    h = tanh_t(a);
-    d = T(1) - h * h;
-  }
-}
-
-// ---- The network, the problem and the per-thread workspace -----------------------------------------------------
+// ---- The chain's settings ---------------------------------------------------------------------------------------
 
 template <typename T>
-struct Net {
-  int n_layers = 0;
-  std::vector<int> dims;
-  std::vector<Packed<T>> forward;   // layers 0..L-2: W_l in panels of output rows (dims[l+1] x dims[l])
-  std::vector<Packed<T>> backward;  // layers 0..L-2: W_l^T in panels (dims[l] x dims[l+1])
-  std::vector<const T*> bias;       // layers 0..L-1 (zeros when the network has none)
-  std::vector<PackJob<T>> packing;  // what fills forward and backward (run by the threads of the chain)
-  const T* w_last = nullptr;        // the output layer's weight row (dims[L-1],)
-  T b_last = 0, sign = 1, param = 0;
-  Buffer<T> storage;
-};
-
-// The chain's settings, in the compute type T, and its inputs and outputs.
-template <typename T>
-struct Problem {
+struct Settings {
   const T* z_in;
   T* z_out;
   int64_t batch;
@@ -388,48 +147,83 @@ struct Problem {
   uint8_t* accepted;
 };
 
-// One thread's arrays for one tile (rows of TB samples), all cache-line aligned.
+// ---- One thread's workspace for one tile ----------------------------------------------------------------------
+
+// A point of the chain: z (D x TB), the clipped gradient at z, and per sample E(z) and the unclipped ||grad E(z)||.
+template <typename T>
+struct State {
+  T *z, *grad, *energy, *norm;
+};
+
+// The tile arrays of the energy network's layers. For the product layers l = 0..L-2: delta[l] (n_out x TB); for
+// the hidden layers before the last, l = 0..L-3: output[l] = x_{l+1} (the next layer's input) and slope[l]
+// (nullptr for identity layers). The last hidden layer keeps neither: its epilogue turns them into delta[L-2] and
+// the scalar output at once.
+template <typename T>
+struct NetworkTile {
+  std::vector<T*> output, slope, delta;
+
+  void layout(const std::vector<Layer<T>>& layers, int TB, Carver<T>& carve) {
+    const int L = (int)layers.size();
+    output.assign(std::max(L - 1, 0), nullptr);
+    slope.assign(std::max(L - 1, 0), nullptr);
+    delta.assign(std::max(L - 1, 0), nullptr);
+    for (int l = 0; l + 1 < L; ++l) {
+      const size_t rows = (size_t)layers[l].n_out * TB;
+      delta[l] = carve.take(rows);
+      if (l + 2 < L) {
+        output[l] = carve.take(rows);
+        if (layers[l].activation != kActIdentity) slope[l] = carve.take(rows);
+      }
+    }
+  }
+};
+
+// All arrays are cache-line aligned rows of TB values; one meaning each.
 template <typename T>
 struct Work {
-  Buffer<T> storage;
-  T *z, *g, *zp, *gp, *noise, *delta_last;  // D x TB (delta_last: dims[L-1] x TB); zp, gp: MALA's proposal
-  T* noise_rows;            // the tile's noise in stream order: nb * D values from an offset < 4, whole blocks
-  std::vector<T*> h, dact;  // indexed by layer l = 1..L-2 (h[l]: input of layer l, later delta_l)
-  static constexpr int kLaneArrays = 10;  // per-sample arrays of TB values:
-  T *e, *norm, *ep, *normp, *sum, *scale, *up, *upp, *fwd, *bwd;
-  int32_t* take;
-  Buffer<int32_t> take_storage;
+  State<T> current, proposal;  // proposal: MALA's z' (unused by ULA)
+  T* noise;                    // D x TB: the step's noise, transposed
+  T* noise_stream;             // the tile's noise in stream order: nb * D values from an offset < 4, whole blocks
+  NetworkTile<T> energy_net;
+  // Per sample (TB values each):
+  T* output_sum;    // W_{L-1} x_{L-1} of the scalar output layer, accumulated over the panels of the layer before
+  T* output_scale;  // dE/da_{L-1} = output_sign * act_{L-1}'(a_{L-1})
+  T* sq_norm;       // ||grad E||^2, accumulated over gradient rows
+  T* clip_scale;    // min(1, clip / (||grad E|| + 1e-12))
+  T *prior_energy, *proposal_prior_energy;       // MALA: U_prior(z), U_prior(z')
+  T *forward_residual, *backward_residual;       // MALA: squared norms of the proposal residuals
+  int32_t* take;                                 // MALA: 1 where the proposal is accepted
+  AlignedBuffer<T> storage;
+  AlignedBuffer<int32_t> take_storage;
 
-  Work(const Net<T>& net, int TB, bool mala) {
-    const int L = net.n_layers, D = net.dims[0];
-    const size_t rows_d = whole_lines<T>((size_t)D * TB), lane = whole_lines<T>(TB);
-    size_t total = rows_d * (mala ? 5 : 3) + whole_lines<T>((size_t)D * TB + 8) + lane * kLaneArrays;
-    total += whole_lines<T>((size_t)net.dims[L - 1] * TB);
-    for (int l = 1; l <= L - 2; ++l) total += 2 * whole_lines<T>((size_t)net.dims[l] * TB);
-    storage = Buffer<T>(total);
-    std::memset(storage.data(), 0, total * sizeof(T));
-    T* p = storage.data();
-    auto take_rows = [&](size_t n) {
-      T* q = p;
-      p += n;
-      return q;
-    };
-    z = take_rows(rows_d);
-    g = take_rows(rows_d);
-    noise = take_rows(rows_d);
-    zp = mala ? take_rows(rows_d) : nullptr;
-    gp = mala ? take_rows(rows_d) : nullptr;
-    noise_rows = take_rows(whole_lines<T>((size_t)D * TB + 8));
-    delta_last = take_rows(whole_lines<T>((size_t)net.dims[L - 1] * TB));
-    h.assign(std::max(L - 1, 1), nullptr);
-    dact.assign(std::max(L - 1, 1), nullptr);
-    for (int l = 1; l <= L - 2; ++l) {
-      h[l] = take_rows(whole_lines<T>((size_t)net.dims[l] * TB));
-      dact[l] = take_rows(whole_lines<T>((size_t)net.dims[l] * TB));
-    }
-    for (T** q : {&e, &norm, &ep, &normp, &sum, &scale, &up, &upp, &fwd, &bwd}) *q = take_rows(lane);
-    take_storage = Buffer<int32_t>(whole_lines<int32_t>(TB));
+  Work(const Model<T>& m, int D, int TB, bool mala) {
+    Carver<T> count;
+    layout(m, D, TB, mala, count);
+    storage = AlignedBuffer<T>(count.used);
+    std::memset(storage.data(), 0, count.used * sizeof(T));
+    Carver<T> carve{storage.data()};
+    layout(m, D, TB, mala, carve);
+    take_storage = AlignedBuffer<int32_t>(whole_lines<int32_t>(TB));
     take = take_storage.data();
+  }
+
+ private:
+  void layout(const Model<T>& m, int D, int TB, bool mala, Carver<T>& carve) {
+    const size_t rows = (size_t)D * TB;
+    for (State<T>* s : {&current, &proposal}) {
+      const bool used = s == &current || mala;
+      s->z = used ? carve.take(rows) : nullptr;
+      s->grad = used ? carve.take(rows) : nullptr;
+      s->energy = used ? carve.take(TB) : nullptr;
+      s->norm = used ? carve.take(TB) : nullptr;
+    }
+    noise = carve.take(rows);
+    noise_stream = carve.take(rows + 8);
+    energy_net.layout(m.energy, TB, carve);
+    for (T** lane : {&output_sum, &output_scale, &sq_norm, &clip_scale, &prior_energy, &proposal_prior_energy,
+                     &forward_residual, &backward_residual})
+      *lane = carve.take(TB);
   }
 };
 
@@ -440,141 +234,256 @@ T log_acceptance_uniform(uint64_t seed, uint64_t counter, uint64_t sample) {
   const uint32_t x0 = philox4x32_10((uint32_t)sample, (uint32_t)(sample >> 32), (uint32_t)counter,
                                     (uint32_t)(counter >> 32) | 0x80000000u, (uint32_t)seed, (uint32_t)(seed >> 32))
                           .x0;
-  if constexpr (std::is_same<T, float>::value)
-    return std::log(uniform_open0_f32(x0));
-  else
-    return std::log(uniform_open0_f64(x0));
+  return std::log(simd::uniform_open0<T>(x0));
 }
 
 // ---- One tile ------------------------------------------------------------------------------------------------
 
-template <typename T, int NV, int ACT>
-struct Tile {
+template <typename T, int NV>
+class TileChain {
+ public:
   static constexpr int TB = NV * Vec<T>::kLanes;
 
-  // At z (D x TB): the energies E and unclipped gradient norms (one per lane) and the clipped gradient g (D x TB).
-  // on_rows(d0, d1) runs on each finished block of gradient rows [d0, d1) while it is in L1 (after its squares went
-  // into the norms; before clipping, so only where there is none): ULA's update is fused there.
+  TileChain(const Model<T>& m, const Settings<T>& s, Work<T>& w) : m_(m), s_(s), w_(w) {}
+
+  // All K steps of the samples [s0, s0 + nb) (nb <= TB).
+  void run(int64_t s0, int nb) {
+    const int D = s_.D;
+    State<T>& st = w_.current;
+    // z^T into the tile; lanes past nb are 0 (they are computed on but never written out)
+    std::memset(st.z, 0, sizeof(T) * (size_t)D * TB);
+    std::memset(w_.noise, 0, sizeof(T) * (size_t)D * TB);
+    for (int b = 0; b < nb; ++b) {
+      const T* __restrict src = s_.z_in + (s0 + b) * D;
+      for (int d = 0; d < D; ++d) st.z[(int64_t)d * TB + b] = src[d];
+    }
+    if (s_.method == kMethodUla) {
+      for (int64_t k = 0; k < s_.n_steps; ++k) {
+        if (s_.noise) draw_noise(s0, nb, s_.counter + (uint64_t)k);
+        if (s_.clip > T(0)) {  // the update needs the whole gradient's norm first
+          evaluate(st, [](int, int) {});
+          step(st.z, st.grad, st.z, 0, D);
+        } else {  // z is not read after the first layer: update it as the gradient rows come out of the kernel
+          evaluate(st, [&](int d0, int d1) { step(st.z, st.grad, st.z, d0, d1); });
+        }
+        record(k, s0, nb);
+      }
+    } else {
+      evaluate(st, [](int, int) {});
+      for (int64_t k = 0; k < s_.n_steps; ++k) {
+        record(k, s0, nb);
+        mala_step(k, s0, nb);
+      }
+    }
+    for (int b = 0; b < nb; ++b) {
+      T* __restrict dst = s_.z_out + (s0 + b) * D;
+      for (int d = 0; d < D; ++d) dst[d] = st.z[(int64_t)d * TB + b];
+    }
+  }
+
+ private:
+  const Model<T>& m_;
+  const Settings<T>& s_;
+  Work<T>& w_;
+
+  static void clear(T* lane) {
+    for (int b = 0; b < TB; ++b) lane[b] = T(0);
+  }
+
+  // ---- Evaluation: E, grad E and its norm at a state, in named stages ----
+
+  // Fills at.energy, at.norm and at.grad (clipped). on_rows(d0, d1) runs on each finished block of gradient rows
+  // [d0, d1) while it is in L1 (after its squares went into the norms; before clipping, so only where there is
+  // none): ULA's update is fused there.
   template <typename OnRows>
-  static void evaluate(const Net<T>& net, const Problem<T>& pb, Work<T>& w, const T* z, T* g, T* E, T* norm,
-                       OnRows&& on_rows) {
-    const int L = net.n_layers, D = pb.D;
-    const T param = net.param, sign = net.sign;
-    T* __restrict e_acc = w.sum;
-    T* __restrict ss = w.scale;  // squared norms
-    for (int b = 0; b < TB; ++b) e_acc[b] = ss[b] = T(0);
+  void evaluate(const State<T>& at, OnRows&& on_rows) {
+    clear(w_.sq_norm);
     auto gradient_rows = [&](int d0, int d1) {
+      T* __restrict ss = w_.sq_norm;
       for (int d = d0; d < d1; ++d) {
-        const T* __restrict gr = g + (int64_t)d * TB;
-        for (int b = 0; b < TB; ++b) ss[b] += gr[b] * gr[b];
+        const T* __restrict g = at.grad + (int64_t)d * TB;
+        for (int b = 0; b < TB; ++b) ss[b] += g[b] * g[b];
       }
       on_rows(d0, d1);
     };
-    if (L == 1) {  // E = sign * (w . z + b): a constant gradient
-      for (int d = 0; d < D; ++d) {
-        const T wd = net.w_last[d], gd = sign * wd;
-        const T* __restrict zr = z + (int64_t)d * TB;
-        T* __restrict gr = g + (int64_t)d * TB;
-        for (int b = 0; b < TB; ++b) {
-          e_acc[b] += wd * zr[b];
-          gr[b] = gd;
-        }
-      }
-      gradient_rows(0, D);
+    if (m_.energy.size() == 1) {
+      linear_energy(at);
+      gradient_rows(0, s_.D);
     } else {
-      const T* x = z;
-      for (int l = 0; l + 1 < L; ++l) {
-        const T* bias = net.bias[l];
-        if (l + 2 < L) {  // a hidden layer feeding another one: h_{l+1} = act(a), keep act'(a)
-          T* out = w.h[l + 1];
-          T* dd = w.dact[l + 1];
-          product<T, NV>(net.forward[l], x, out, [&](int n0, int mr) {
-            for (int r = n0; r < n0 + mr; ++r) {
-              T* __restrict hr = out + (int64_t)r * TB;
-              T* __restrict dr = dd + (int64_t)r * TB;
-              const T br = bias[r];
-              for (int b = 0; b < TB; ++b) {
-                T hv, dv;
-                activation<ACT, T>(hr[b] + br, param, hv, dv);
-                hr[b] = hv;
-                dr[b] = dv;
-              }
-            }
-          });
-          x = out;
-        } else {  // the last hidden layer: E += w_last . act(a), delta = sign * w_last * act'(a)
-          T* out = w.delta_last;
-          product<T, NV>(net.forward[l], x, out, [&](int n0, int mr) {
-            for (int r = n0; r < n0 + mr; ++r) {
-              T* __restrict dr = out + (int64_t)r * TB;
-              const T br = bias[r], wr = net.w_last[r], gw = sign * wr;
-              for (int b = 0; b < TB; ++b) {
-                T hv, dv;
-                activation<ACT, T>(dr[b] + br, param, hv, dv);
-                e_acc[b] += wr * hv;
-                dr[b] = gw * dv;
-              }
-            }
-          });
-        }
-      }
-      const T* delta = w.delta_last;
-      for (int l = L - 2; l >= 1; --l) {  // delta_l = (W_l^T delta_{l+1}) * act'(a_l), written over h_l
-        T* out = w.h[l];
-        const T* dd = w.dact[l];
-        product<T, NV>(net.backward[l], delta, out, [&](int n0, int mr) {
-          T* __restrict o = out + (int64_t)n0 * TB;
-          const T* __restrict dv = dd + (int64_t)n0 * TB;
-          for (int i = 0; i < mr * TB; ++i) o[i] *= dv[i];
-        });
-        delta = out;
-      }
-      product<T, NV>(net.backward[0], delta, g, [&](int n0, int h) { gradient_rows(n0, n0 + h); });
+      energy_forward(at.z);
+      energy_output(at.energy);
+      energy_backward(at.grad, gradient_rows);
     }
-    const T b_last = net.b_last;
-    for (int b = 0; b < TB; ++b) E[b] = sign * (e_acc[b] + b_last);
+    norm_and_clip(at);
+  }
 
-    // ||g|| per sample, then clipping: g *= min(1, clip / (||g|| + 1e-12)) (NaN stays NaN, like torch.clamp)
-    for (int b = 0; b < TB; ++b) norm[b] = std::sqrt(ss[b]);
-    if (pb.clip > T(0)) {
-      T* __restrict s = w.scale;
-      for (int b = 0; b < TB; ++b) {
-        const T c = pb.clip / (norm[b] + T(1e-12));
-        s[b] = c > T(1) ? T(1) : c;
-      }
-      for (int d = 0; d < D; ++d) {
-        T* __restrict gr = g + (int64_t)d * TB;
-        for (int b = 0; b < TB; ++b) gr[b] = gr[b] * s[b];
-      }
+  // A one-layer energy E = sign * act(w . z + b): its gradient is w times a per-sample factor.
+  void linear_energy(const State<T>& at) {
+    const Layer<T>& out = m_.energy[0];
+    T* __restrict sum = w_.output_sum;
+    clear(sum);
+    for (int d = 0; d < s_.D; ++d) {
+      const T wd = out.weight[d];
+      const T* __restrict z = at.z + (int64_t)d * TB;
+      for (int b = 0; b < TB; ++b) sum[b] += wd * z[b];
+    }
+    energy_output(at.energy);
+    const T* __restrict scale = w_.output_scale;
+    for (int d = 0; d < s_.D; ++d) {
+      const T wd = out.weight[d];
+      T* __restrict g = at.grad + (int64_t)d * TB;
+      for (int b = 0; b < TB; ++b) g[b] = scale[b] * wd;
     }
   }
+
+  // Hidden layers x_{l+1} = act_l(W_l x_l + b_l) (keeping slope_l), then the last hidden layer fused with the scalar
+  // output layer: output_sum = W_{L-1} act_{L-2}(a_{L-2}) and delta[L-2] = W_{L-1}^T * slope_{L-2}, times the
+  // output sign where the output layer is linear (energy_output applies dE/da_{L-1} otherwise).
+  void energy_forward(const T* z) {
+    const std::vector<Layer<T>>& net = m_.energy;
+    const NetworkTile<T>& tile = w_.energy_net;
+    const int L = (int)net.size();
+    const T* x = z;
+    for (int l = 0; l + 2 < L; ++l) {
+      hidden_layer(net[l], x, tile.output[l], tile.slope[l]);
+      x = tile.output[l];
+    }
+    const Layer<T>& last = net[L - 2];
+    const Layer<T>& out = net[L - 1];
+    const T sign = out.activation == kActIdentity ? m_.sign : T(1);
+    T* __restrict sum = w_.output_sum;
+    clear(sum);
+    T* delta = tile.delta[L - 2];
+    with_activation(last.activation, [&](auto act) {
+      constexpr int ACT = decltype(act)::value;
+      product<T, NV>(last.forward, x, delta, [&](int n0, int h) {
+        for (int r = n0; r < n0 + h; ++r) {
+          T* __restrict dr = delta + (int64_t)r * TB;
+          const T br = last.bias[r], wr = out.weight[r], gw = sign * wr;
+          for (int b = 0; b < TB; ++b) {
+            T hv, dv;
+            activation<ACT, T>(dr[b] + br, last.param, hv, dv);
+            sum[b] += wr * hv;
+            dr[b] = gw * dv;
+          }
+        }
+      });
+    });
+  }
+
+  // x_{l+1} = act(W x + b) into `out`, act'(.) into `slope` (not kept for identity layers).
+  void hidden_layer(const Layer<T>& layer, const T* x, T* out, T* slope) {
+    with_activation(layer.activation, [&](auto act) {
+      constexpr int ACT = decltype(act)::value;
+      product<T, NV>(layer.forward, x, out, [&](int n0, int h) {
+        for (int r = n0; r < n0 + h; ++r) {
+          T* __restrict hr = out + (int64_t)r * TB;
+          T* __restrict sr = ACT != kActIdentity ? slope + (int64_t)r * TB : nullptr;
+          const T br = layer.bias[r];
+          for (int b = 0; b < TB; ++b) {
+            T hv, dv;
+            activation<ACT, T>(hr[b] + br, layer.param, hv, dv);
+            hr[b] = hv;
+            if constexpr (ACT != kActIdentity) sr[b] = dv;
+          }
+        }
+      });
+    });
+  }
+
+  // E = sign * act_{L-1}(a_{L-1}) from output_sum, and output_scale = dE/da_{L-1}; where the output layer is not
+  // linear, the last hidden layer's delta gets that factor now (energy_forward could not know it yet).
+  void energy_output(T* energy) {
+    const std::vector<Layer<T>>& net = m_.energy;
+    const Layer<T>& out = net.back();
+    const T b_out = out.bias[0], sign = m_.sign;
+    const T* __restrict sum = w_.output_sum;
+    T* __restrict scale = w_.output_scale;
+    with_activation(out.activation, [&](auto act) {
+      constexpr int ACT = decltype(act)::value;
+      for (int b = 0; b < TB; ++b) {
+        T hv, dv;
+        activation<ACT, T>(sum[b] + b_out, out.param, hv, dv);
+        energy[b] = sign * hv;
+        scale[b] = sign * dv;
+      }
+    });
+    if (out.activation == kActIdentity || net.size() == 1) return;
+    const int L = (int)net.size();
+    T* delta = w_.energy_net.delta[L - 2];
+    for (int r = 0; r < net[L - 2].n_out; ++r) {
+      T* __restrict dr = delta + (int64_t)r * TB;
+      for (int b = 0; b < TB; ++b) dr[b] *= scale[b];
+    }
+  }
+
+  // delta_{l-1} = (W_l^T delta_l) * slope_{l-1} down to delta_0, then grad = W_0^T delta_0, each block of gradient
+  // rows handed to gradient_rows.
+  template <typename OnRows>
+  void energy_backward(T* grad, OnRows&& gradient_rows) {
+    const std::vector<Layer<T>>& net = m_.energy;
+    const NetworkTile<T>& tile = w_.energy_net;
+    const int L = (int)net.size();
+    const T* delta = tile.delta[L - 2];
+    for (int l = L - 2; l >= 1; --l) {
+      T* out = tile.delta[l - 1];
+      const T* slope = tile.slope[l - 1];
+      product<T, NV>(net[l].backward, delta, out, [&](int n0, int h) {
+        if (!slope) return;  // an identity layer
+        T* __restrict o = out + (int64_t)n0 * TB;
+        const T* __restrict sl = slope + (int64_t)n0 * TB;
+        for (int i = 0; i < h * TB; ++i) o[i] *= sl[i];
+      });
+      delta = out;
+    }
+    product<T, NV>(net[0].backward, delta, grad, [&](int n0, int h) { gradient_rows(n0, n0 + h); });
+  }
+
+  // norm = ||grad E|| per sample, then clipping: grad *= min(1, clip / (norm + 1e-12)) (NaN stays NaN, like
+  // torch.clamp).
+  void norm_and_clip(const State<T>& at) {
+    const T* __restrict ss = w_.sq_norm;
+    T* __restrict norm = at.norm;
+    for (int b = 0; b < TB; ++b) norm[b] = std::sqrt(ss[b]);
+    if (!(s_.clip > T(0))) return;
+    T* __restrict scale = w_.clip_scale;
+    for (int b = 0; b < TB; ++b) {
+      const T c = s_.clip / (norm[b] + T(1e-12));
+      scale[b] = c > T(1) ? T(1) : c;
+    }
+    for (int d = 0; d < s_.D; ++d) {
+      T* __restrict g = at.grad + (int64_t)d * TB;
+      for (int b = 0; b < TB; ++b) g[b] = g[b] * scale[b];
+    }
+  }
+
+  // ---- Noise, update, MALA ----
 
   // The step noise of the tile's samples [s0, s0 + nb) at `counter`, transposed into w.noise (D x TB; the lanes
   // past nb stay 0). Elements s0 * D .. (s0 + nb) * D - 1 of the stream are contiguous: whole Philox blocks are drawn
   // from the one containing element s0 * D.
-  static void draw_noise(const Problem<T>& pb, Work<T>& w, int64_t s0, int nb, uint64_t counter) {
-    const int D = pb.D;
+  void draw_noise(int64_t s0, int nb, uint64_t counter) {
+    const int D = s_.D;
     const int64_t e0 = s0 * D, j0 = e0 / 4;
     const int offset = (int)(e0 - 4 * j0);
     const int64_t n_blocks = (offset + (int64_t)nb * D + 3) / 4;
-    T* rows = w.noise_rows;
+    T* stream = w_.noise_stream;
     for (int64_t j = 0; j < n_blocks; j += simd::kTileBlocks)
-      simd::tile_noise((uint64_t)(j0 + j), (int)std::min<int64_t>(simd::kTileBlocks, n_blocks - j), pb.seed, counter,
-                       rows + 4 * j);
-    const T* src = rows + offset;
-    for (int d = 0; d < D; ++d) gather_lanes<T, TB>(src + d, D, nb, w.noise + (int64_t)d * TB);
+      simd::tile_noise((uint64_t)(j0 + j), (int)std::min<int64_t>(simd::kTileBlocks, n_blocks - j), s_.seed,
+                       counter, stream + 4 * j);
+    for (int d = 0; d < D; ++d) gather_lanes<T>(stream + offset + d, D, nb, w_.noise + (int64_t)d * TB);
   }
 
   // out = z - (eps/2)(g + prior_term(z)) [+ sigma * noise] on rows [d0, d1), as langevin_step_reference rounds it.
   template <int kPrior, bool kNoise>
-  static void update(const Problem<T>& pb, const T* z, const T* g, const T* noise, T* out, int d0, int d1) {
-    const T half = pb.half_step, sigma = pb.sigma;
+  void update(const T* z, const T* g, T* out, int d0, int d1) {
+    const T half = s_.half_step, sigma = s_.sigma;
     for (int d = d0; d < d1; ++d) {
-      const T m = kPrior == kPriorDiagonal ? pb.mean[d] : T(0);
-      const T iv = kPrior == kPriorDiagonal ? pb.inv_var[d] : T(0);
+      const T m = kPrior == kPriorDiagonal ? s_.mean[d] : T(0);
+      const T iv = kPrior == kPriorDiagonal ? s_.inv_var[d] : T(0);
       const T* zr = z + (int64_t)d * TB;
       const T* __restrict gr = g + (int64_t)d * TB;
-      const T* __restrict nr = noise + (int64_t)d * TB;
+      const T* __restrict nr = w_.noise + (int64_t)d * TB;
       T* orow = out + (int64_t)d * TB;
       for (int b = 0; b < TB; ++b) {
         T v = langevin_update<T>(kPrior, zr[b], gr[b], m, iv, half);
@@ -584,35 +493,35 @@ struct Tile {
     }
   }
 
-  static void step(const Problem<T>& pb, const T* z, const T* g, const T* noise, T* out, int d0, int d1) {
-    switch (pb.prior_kind * 2 + (pb.noise ? 1 : 0)) {
-      case kPriorFlat * 2: update<kPriorFlat, false>(pb, z, g, noise, out, d0, d1); break;
-      case kPriorFlat * 2 + 1: update<kPriorFlat, true>(pb, z, g, noise, out, d0, d1); break;
-      case kPriorNormal * 2: update<kPriorNormal, false>(pb, z, g, noise, out, d0, d1); break;
-      case kPriorNormal * 2 + 1: update<kPriorNormal, true>(pb, z, g, noise, out, d0, d1); break;
-      case kPriorDiagonal * 2: update<kPriorDiagonal, false>(pb, z, g, noise, out, d0, d1); break;
-      default: update<kPriorDiagonal, true>(pb, z, g, noise, out, d0, d1); break;
+  void step(const T* z, const T* g, T* out, int d0, int d1) {
+    switch (s_.prior_kind * 2 + (s_.noise ? 1 : 0)) {
+      case kPriorFlat * 2: update<kPriorFlat, false>(z, g, out, d0, d1); break;
+      case kPriorFlat * 2 + 1: update<kPriorFlat, true>(z, g, out, d0, d1); break;
+      case kPriorNormal * 2: update<kPriorNormal, false>(z, g, out, d0, d1); break;
+      case kPriorNormal * 2 + 1: update<kPriorNormal, true>(z, g, out, d0, d1); break;
+      case kPriorDiagonal * 2: update<kPriorDiagonal, false>(z, g, out, d0, d1); break;
+      default: update<kPriorDiagonal, true>(z, g, out, d0, d1); break;
     }
   }
 
   // MALA's per-sample sums (sampler._mala_accept): prior energies U_prior(z), U_prior(z'), and the squared norms
   // of the forward (z -> z') and backward (z' -> z) proposal residuals.
   template <int kPrior>
-  static void mala_sums(const Problem<T>& pb, Work<T>& w) {
-    const T half = pb.half_step;
-    T* __restrict up = w.up;
-    T* __restrict upp = w.upp;
-    T* __restrict fw = w.fwd;
-    T* __restrict bw = w.bwd;
+  void mala_sums() {
+    const T half = s_.half_step;
+    T* __restrict up = w_.prior_energy;
+    T* __restrict upp = w_.proposal_prior_energy;
+    T* __restrict fw = w_.forward_residual;
+    T* __restrict bw = w_.backward_residual;
     for (int b = 0; b < TB; ++b) up[b] = upp[b] = fw[b] = bw[b] = T(0);
-    for (int d = 0; d < pb.D; ++d) {
-      const T m = kPrior == kPriorDiagonal ? pb.mean[d] : T(0);
-      const T iv = kPrior == kPriorDiagonal ? pb.inv_var[d] : T(0);
+    for (int d = 0; d < s_.D; ++d) {
+      const T m = kPrior == kPriorDiagonal ? s_.mean[d] : T(0);
+      const T iv = kPrior == kPriorDiagonal ? s_.inv_var[d] : T(0);
       const int64_t o = (int64_t)d * TB;
-      const T* __restrict z = w.z + o;
-      const T* __restrict zp = w.zp + o;
-      const T* __restrict g = w.g + o;
-      const T* __restrict gp = w.gp + o;
+      const T* __restrict z = w_.current.z + o;
+      const T* __restrict zp = w_.proposal.z + o;
+      const T* __restrict g = w_.current.grad + o;
+      const T* __restrict gp = w_.proposal.grad + o;
       for (int b = 0; b < TB; ++b) {
         T diff = T(0), pg = T(0), diffp = T(0), pgp = T(0);
         if (kPrior == kPriorNormal) {
@@ -638,108 +547,77 @@ struct Tile {
     }
   }
 
-  static void record(const Problem<T>& pb, int64_t k, int64_t s0, int nb, const T* E, const T* norm) {
-    if (pb.energies) std::memcpy(pb.energies + k * pb.batch + s0, E, sizeof(T) * nb);
-    if (pb.grad_norms) std::memcpy(pb.grad_norms + k * pb.batch + s0, norm, sizeof(T) * nb);
+  void record(int64_t k, int64_t s0, int nb) {
+    if (s_.energies) std::memcpy(s_.energies + k * s_.batch + s0, w_.current.energy, sizeof(T) * nb);
+    if (s_.grad_norms) std::memcpy(s_.grad_norms + k * s_.batch + s0, w_.current.norm, sizeof(T) * nb);
   }
 
-  // One MALA step from the state (w.z, w.g, w.e, w.norm): proposal, its energy and gradient, the Metropolis test,
-  // and the accepted values kept per sample.
-  static void mala_step(const Net<T>& net, const Problem<T>& pb, Work<T>& w, int64_t k, int64_t s0, int nb) {
-    const uint64_t counter = pb.counter + (uint64_t)k;
-    if (pb.noise) draw_noise(pb, w, s0, nb, counter);
-    step(pb, w.z, w.g, w.noise, w.zp, 0, pb.D);
-    evaluate(net, pb, w, w.zp, w.gp, w.ep, w.normp, [](int, int) {});
-    switch (pb.prior_kind) {
-      case kPriorFlat: mala_sums<kPriorFlat>(pb, w); break;
-      case kPriorNormal: mala_sums<kPriorNormal>(pb, w); break;
-      default: mala_sums<kPriorDiagonal>(pb, w); break;
+  // One MALA step from the current state: proposal, its energy and gradient, the Metropolis test, and the
+  // accepted values kept per sample.
+  void mala_step(int64_t k, int64_t s0, int nb) {
+    State<T>& cur = w_.current;
+    const State<T>& prop = w_.proposal;
+    const uint64_t counter = s_.counter + (uint64_t)k;
+    if (s_.noise) draw_noise(s0, nb, counter);
+    step(cur.z, cur.grad, prop.z, 0, s_.D);
+    evaluate(prop, [](int, int) {});
+    switch (s_.prior_kind) {
+      case kPriorFlat: mala_sums<kPriorFlat>(); break;
+      case kPriorNormal: mala_sums<kPriorNormal>(); break;
+      default: mala_sums<kPriorDiagonal>(); break;
     }
-    int32_t* __restrict take = w.take;
+    int32_t* __restrict take = w_.take;
     for (int b = 0; b < TB; ++b) {
       take[b] = 0;
       if (b < nb) {  // accept where log u < log alpha (a NaN log alpha rejects)
-        const T log_alpha = (w.e[b] + w.up[b]) - (w.ep[b] + w.upp[b]) - (w.bwd[b] - w.fwd[b]) / pb.two_eps;
-        take[b] = log_acceptance_uniform<T>(pb.seed, counter, (uint64_t)(s0 + b)) < log_alpha ? 1 : 0;
-        if (pb.accepted) pb.accepted[k * pb.batch + s0 + b] = (uint8_t)take[b];
+        const T log_alpha = (cur.energy[b] + w_.prior_energy[b]) - (prop.energy[b] + w_.proposal_prior_energy[b]) -
+                            (w_.backward_residual[b] - w_.forward_residual[b]) / s_.two_eps;
+        take[b] = log_acceptance_uniform<T>(s_.seed, counter, (uint64_t)(s0 + b)) < log_alpha ? 1 : 0;
+        if (s_.accepted) s_.accepted[k * s_.batch + s0 + b] = (uint8_t)take[b];
       }
     }
-    for (int d = 0; d < pb.D; ++d) {
+    for (int d = 0; d < s_.D; ++d) {
       const int64_t o = (int64_t)d * TB;
-      T* __restrict z = w.z + o;
-      T* __restrict g = w.g + o;
-      const T* __restrict zp = w.zp + o;
-      const T* __restrict gp = w.gp + o;
+      T* __restrict z = cur.z + o;
+      T* __restrict g = cur.grad + o;
+      const T* __restrict zp = prop.z + o;
+      const T* __restrict gp = prop.grad + o;
       for (int b = 0; b < TB; ++b) {
         z[b] = take[b] ? zp[b] : z[b];
         g[b] = take[b] ? gp[b] : g[b];
       }
     }
     for (int b = 0; b < TB; ++b) {
-      w.e[b] = take[b] ? w.ep[b] : w.e[b];
-      w.norm[b] = take[b] ? w.normp[b] : w.norm[b];
-    }
-  }
-
-  // All K steps of the samples [s0, s0 + nb) (nb <= TB).
-  static void run(const Net<T>& net, const Problem<T>& pb, Work<T>& w, int64_t s0, int nb) {
-    const int D = pb.D;
-    // z^T into the tile; lanes past nb are 0 (they are computed on but never written out)
-    std::memset(w.z, 0, sizeof(T) * (size_t)D * TB);
-    std::memset(w.noise, 0, sizeof(T) * (size_t)D * TB);
-    for (int b = 0; b < nb; ++b) {
-      const T* __restrict src = pb.z_in + (s0 + b) * D;
-      for (int d = 0; d < D; ++d) w.z[(int64_t)d * TB + b] = src[d];
-    }
-    if (pb.method == kMethodUla) {
-      for (int64_t k = 0; k < pb.n_steps; ++k) {
-        if (pb.noise) draw_noise(pb, w, s0, nb, pb.counter + (uint64_t)k);
-        if (pb.clip > T(0)) {  // the update needs the whole gradient's norm first
-          evaluate(net, pb, w, w.z, w.g, w.e, w.norm, [](int, int) {});
-          step(pb, w.z, w.g, w.noise, w.z, 0, D);
-        } else {  // z is not read after the first layer: update it as the gradient rows come out of the kernel
-          evaluate(net, pb, w, w.z, w.g, w.e, w.norm,
-                   [&](int d0, int d1) { step(pb, w.z, w.g, w.noise, w.z, d0, d1); });
-        }
-        record(pb, k, s0, nb, w.e, w.norm);
-      }
-    } else {
-      evaluate(net, pb, w, w.z, w.g, w.e, w.norm, [](int, int) {});
-      for (int64_t k = 0; k < pb.n_steps; ++k) {
-        record(pb, k, s0, nb, w.e, w.norm);
-        mala_step(net, pb, w, k, s0, nb);
-      }
-    }
-    for (int b = 0; b < nb; ++b) {
-      T* __restrict dst = pb.z_out + (s0 + b) * D;
-      for (int d = 0; d < D; ++d) dst[d] = w.z[(int64_t)d * TB + b];
+      cur.energy[b] = take[b] ? prop.energy[b] : cur.energy[b];
+      cur.norm[b] = take[b] ? prop.norm[b] : cur.norm[b];
     }
   }
 };
 
 // ---- Driver --------------------------------------------------------------------------------------------------
 
-template <typename T, int NV, int ACT>
-void run_tiles(const Net<T>& net, const Problem<T>& pb, int n_threads) {
-  constexpr int TB = Tile<T, NV, ACT>::TB;
-  const int64_t n_tiles = (pb.batch + TB - 1) / TB;
+template <typename T, int NV>
+void run_tiles(const Model<T>& m, const Settings<T>& s, int n_threads) {
+  constexpr int TB = TileChain<T, NV>::TB;
+  const int64_t n_tiles = (s.batch + TB - 1) / TB;
   const int nt = (int)std::min<int64_t>(std::max(n_threads, 1), n_tiles);
   std::vector<Work<T>> works;  // allocated here: nothing inside the parallel region can throw
   works.reserve(nt);
-  for (int i = 0; i < nt; ++i) works.emplace_back(net, TB, pb.method == kMethodMala);
+  for (int i = 0; i < nt; ++i) works.emplace_back(m, s.D, TB, s.method == kMethodMala);
   // Tiles are handed out one at a time (all cost the same; on a shared machine a thread whose core is busy then
   // simply takes fewer).
   std::atomic<int64_t> next_tile{0};
   auto tiles = [&](int id) {
+    TileChain<T, NV> chain(m, s, works[id]);
     for (int64_t t = next_tile.fetch_add(1, std::memory_order_relaxed); t < n_tiles;
          t = next_tile.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t s0 = t * TB;
-      Tile<T, NV, ACT>::run(net, pb, works[id], s0, (int)std::min<int64_t>(TB, pb.batch - s0));
+      chain.run(s0, (int)std::min<int64_t>(TB, s.batch - s0));
     }
   };
   // Each thread packs its share of the weight panels and waits for the others before running tiles.
   if (nt == 1) {
-    for (const PackJob<T>& job : net.packing) job.run(0, 1);
+    for (const PackJob<T>& job : m.packing) job.run(0, 1);
     tiles(0);
     return;
   }
@@ -747,12 +625,12 @@ void run_tiles(const Net<T>& net, const Problem<T>& pb, int n_threads) {
 #pragma omp parallel num_threads(nt)
   {
     const int id = omp_get_thread_num(), count = omp_get_num_threads();
-    for (const PackJob<T>& job : net.packing) job.run(id, count);
+    for (const PackJob<T>& job : m.packing) job.run(id, count);
 #pragma omp barrier
     tiles(id);
   }
 #else
-  for (const PackJob<T>& job : net.packing) job.run(0, 1);
+  for (const PackJob<T>& job : m.packing) job.run(0, 1);
   std::vector<std::thread> pool;
   pool.reserve(nt - 1);
   for (int id = 1; id < nt; ++id) pool.emplace_back([&, id] { tiles(id); });
@@ -761,23 +639,9 @@ void run_tiles(const Net<T>& net, const Problem<T>& pb, int n_threads) {
 #endif
 }
 
-template <typename T, int NV>
-void dispatch_activation(const Net<T>& net, const Problem<T>& pb, int act, int n_threads) {
-  switch (act) {
-    case kActRelu: run_tiles<T, NV, kActRelu>(net, pb, n_threads); break;
-    case kActLeakyRelu: run_tiles<T, NV, kActLeakyRelu>(net, pb, n_threads); break;
-    case kActSilu: run_tiles<T, NV, kActSilu>(net, pb, n_threads); break;
-    case kActGelu: run_tiles<T, NV, kActGelu>(net, pb, n_threads); break;
-    case kActGeluTanh: run_tiles<T, NV, kActGeluTanh>(net, pb, n_threads); break;
-    case kActElu: run_tiles<T, NV, kActElu>(net, pb, n_threads); break;
-    case kActSoftplus: run_tiles<T, NV, kActSoftplus>(net, pb, n_threads); break;
-    default: run_tiles<T, NV, kActTanh>(net, pb, n_threads); break;
-  }
-}
-
-// Vectors per tile: two (32 float32 samples with AVX-512: the tile's activations, 200 x 32 x 4 bytes per layer, stay
-// in L1 while each weight panel streams from L2; the micro-kernel runs at the FMA peak), or one when a thread's
-// share of the batch fits in one vector (small batches then still use every thread).
+// Vectors per tile: two (32 float32 samples with AVX-512: a layer's activations, 200 x 32 x 4 bytes, stay in L1
+// while each weight panel streams from L2; the micro-kernel runs at the FMA peak), or one when a thread's share of
+// the batch fits in one vector (small batches then still use every thread).
 constexpr int kTileVectors = 2;
 
 int vectors_per_tile(int64_t batch, int lanes, int n_threads) {
@@ -787,71 +651,64 @@ int vectors_per_tile(int64_t batch, int lanes, int n_threads) {
 
 template <typename T>
 void chain_typed(const MLPChainArgs& a) {
-  const int L = (int)a.dims.size() - 1;
-  int n_threads = a.n_threads > 0 ? a.n_threads : max_threads();
+  const int n_threads = a.n_threads > 0 ? a.n_threads : max_threads();
   const int nv = vectors_per_tile(a.batch, Vec<T>::kLanes, n_threads);
-  const int MR = nv == 1 ? rows_per_block<1>() : rows_per_block<kTileVectors>();
+  Model<T> m;
+  build_model<T>(a, nv == 1 ? rows_per_block<1>() : rows_per_block<kTileVectors>(), m);
 
-  Net<T> net;
-  net.n_layers = L;
-  net.dims.assign(a.dims.begin(), a.dims.end());
-  net.sign = (T)a.output_sign;
-  net.param = (T)a.activation_param;
-  size_t total = 0;
-  for (int l = 0; l + 1 < L; ++l) total += 2 * whole_lines<T>((size_t)a.dims[l] * a.dims[l + 1]);
-  for (int l = 0; l < L; ++l) total += whole_lines<T>((size_t)a.dims[l + 1]);  // zero biases when there are none
-  net.storage = Buffer<T>(total);
-  T* p = net.storage.data();
-  for (int l = 0; l + 1 < L; ++l) {
-    const T* W = static_cast<const T*>(a.weights[l]);
-    const int n_out = (int)a.dims[l + 1], n_in = (int)a.dims[l];
-    const int mr_out = panel_rows(n_out, MR), mr_in = panel_rows(n_in, MR);
-    net.packing.push_back({W, n_out, n_in, n_in, 1, mr_out, p});
-    net.forward.push_back({p, n_out, n_in, mr_out});
-    p += whole_lines<T>((size_t)n_out * n_in);
-    net.packing.push_back({W, n_in, n_out, 1, n_in, mr_in, p});
-    net.backward.push_back({p, n_in, n_out, mr_in});
-    p += whole_lines<T>((size_t)n_out * n_in);
-  }
-  for (int l = 0; l < L; ++l) {
-    if (a.biases.empty()) {
-      std::fill(p, p + a.dims[l + 1], T(0));
-      net.bias.push_back(p);
-      p += whole_lines<T>((size_t)a.dims[l + 1]);
-    } else {
-      net.bias.push_back(static_cast<const T*>(a.biases[l]));
-    }
-  }
-  net.w_last = static_cast<const T*>(a.weights[L - 1]);
-  net.b_last = net.bias[L - 1][0];
-
-  Problem<T> pb;
-  pb.z_in = static_cast<const T*>(a.z);
-  pb.z_out = static_cast<T*>(a.z);
-  pb.batch = a.batch;
-  pb.D = (int)a.dims[0];
-  pb.n_steps = a.n_steps;
-  pb.method = a.method;
-  pb.prior_kind = a.prior_kind;
-  pb.noise = a.noise_scale != 0.0;
+  Settings<T> s;
+  s.z_in = static_cast<const T*>(a.z);
+  s.z_out = static_cast<T*>(a.z);
+  s.batch = a.batch;
+  s.D = (int)a.energy.dims[0];
+  s.n_steps = a.n_steps;
+  s.method = a.method;
+  s.prior_kind = a.prior_kind;
+  s.noise = a.noise_scale != 0.0;
   // The reference multiplies by the Python floats step_size / 2 and noise_scale and divides by 2 * step_size,
   // which torch rounds to T first.
-  pb.half_step = (T)(a.step_size / 2);
-  pb.sigma = (T)a.noise_scale;
-  pb.two_eps = (T)(2 * a.step_size);
-  pb.clip = (T)(a.clip_grad > 0 ? a.clip_grad : 0.0);
-  pb.mean = static_cast<const T*>(a.mean);
-  pb.inv_var = static_cast<const T*>(a.inv_var);
-  pb.seed = a.rng_state ? (uint64_t)a.rng_state[0] : 0;
-  pb.counter = a.rng_state ? (uint64_t)a.rng_state[1] : 0;
-  pb.energies = static_cast<T*>(a.energies);
-  pb.grad_norms = static_cast<T*>(a.grad_norms);
-  pb.accepted = a.method == kMethodMala ? a.accepted : nullptr;
+  s.half_step = (T)(a.step_size / 2);
+  s.sigma = (T)a.noise_scale;
+  s.two_eps = (T)(2 * a.step_size);
+  s.clip = (T)(a.clip_grad > 0 ? a.clip_grad : 0.0);
+  s.mean = static_cast<const T*>(a.mean);
+  s.inv_var = static_cast<const T*>(a.inv_var);
+  s.seed = a.rng_state ? (uint64_t)a.rng_state[0] : 0;
+  s.counter = a.rng_state ? (uint64_t)a.rng_state[1] : 0;
+  s.energies = static_cast<T*>(a.energies);
+  s.grad_norms = static_cast<T*>(a.grad_norms);
+  s.accepted = a.method == kMethodMala ? a.accepted : nullptr;
 
   if (nv == 1)
-    dispatch_activation<T, 1>(net, pb, a.activation, n_threads);
+    run_tiles<T, 1>(m, s, n_threads);
   else
-    dispatch_activation<T, kTileVectors>(net, pb, a.activation, n_threads);
+    run_tiles<T, kTileVectors>(m, s, n_threads);
+}
+
+void check_network(const MLPNetwork& net, const std::string& name) {
+  auto fail = [&](const std::string& what) { throw std::invalid_argument("mlp_chain: " + name + " " + what); };
+  if (net.dims.size() < 2)
+    fail("dims must have at least 2 sizes (one layer), got " + std::to_string(net.dims.size()));
+  for (size_t i = 0; i < net.dims.size(); ++i)
+    if (net.dims[i] < 1 || net.dims[i] > (1 << 20))
+      fail("dims[" + std::to_string(i) + "] must be in [1, 2^20], got " + std::to_string(net.dims[i]));
+  const size_t L = net.dims.size() - 1;
+  auto count = [&](const char* what, size_t n) {
+    if (n != L)
+      fail(std::string(what) + " must have " + std::to_string(L) + " entries (one per layer), got " +
+           std::to_string(n));
+  };
+  count("weight_ptrs", net.weights.size());
+  if (!net.biases.empty()) count("bias_ptrs (when not empty)", net.biases.size());
+  count("activations", net.activations.size());
+  count("activation_params", net.activation_params.size());
+  for (size_t l = 0; l < L; ++l) {
+    if (!net.weights[l]) fail("weight_ptrs[" + std::to_string(l) + "] is 0");
+    if (!net.biases.empty() && !net.biases[l]) fail("bias_ptrs[" + std::to_string(l) + "] is 0");
+    if (net.activations[l] < 0 || net.activations[l] >= kActivationCount)
+      fail("activations[" + std::to_string(l) + "] must be a code of fastlangevin.ops.codes (0.." +
+           std::to_string(kActivationCount - 1) + "), got " + std::to_string(net.activations[l]));
+  }
 }
 
 }  // namespace
@@ -863,26 +720,9 @@ void check_mlp_chain_args(const MLPChainArgs& a) {
          "; compute float16/bfloat16 in float32 and cast");
   if (a.batch < 0) fail("batch must be >= 0, got " + std::to_string(a.batch));
   if (a.n_steps < 0) fail("n_steps must be >= 0, got " + std::to_string(a.n_steps));
-  if (a.dims.size() < 2) fail("dims must be (D, H_1, ..., 1) with at least 2 sizes, got " +
-                              std::to_string(a.dims.size()));
-  for (size_t i = 0; i < a.dims.size(); ++i)
-    if (a.dims[i] < 1 || a.dims[i] > (1 << 20))
-      fail("dims[" + std::to_string(i) + "] must be in [1, 2^20], got " + std::to_string(a.dims[i]));
-  if (a.dims.back() != 1) fail("the last size of dims must be 1 (a scalar energy), got " +
-                               std::to_string(a.dims.back()));
-  const size_t L = a.dims.size() - 1;
-  if (a.weights.size() != L)
-    fail("weight_ptrs must have " + std::to_string(L) + " entries (one per layer), got " +
-         std::to_string(a.weights.size()));
-  if (!a.biases.empty() && a.biases.size() != L)
-    fail("bias_ptrs must be empty or have " + std::to_string(L) + " entries, got " + std::to_string(a.biases.size()));
-  for (size_t l = 0; l < L; ++l) {
-    if (!a.weights[l]) fail("weight_ptrs[" + std::to_string(l) + "] is 0");
-    if (!a.biases.empty() && !a.biases[l]) fail("bias_ptrs[" + std::to_string(l) + "] is 0");
-  }
-  if (a.activation < kActRelu || a.activation > kActTanh)
-    fail("activation must be a code of fastlangevin.energies.ACTIVATIONS (0..7), got " +
-         std::to_string(a.activation));
+  check_network(a.energy, "energy");
+  if (a.energy.dims.back() != 1)
+    fail("the energy's last size must be 1 (a scalar energy), got " + std::to_string(a.energy.dims.back()));
   if (a.output_sign != 1.0 && a.output_sign != -1.0)
     fail("output_sign must be 1 or -1, got " + std::to_string(a.output_sign));
   if (a.method != kMethodUla && a.method != kMethodMala)
@@ -896,7 +736,7 @@ void check_mlp_chain_args(const MLPChainArgs& a) {
   if ((a.noise_scale != 0.0 || a.method == kMethodMala) && !a.rng_state)
     fail("noise_scale != 0 and MALA need rng_state_ptr");
   if (a.batch > 0 && a.n_steps > 0 && !a.z) fail("z_ptr is 0");
-  if (a.batch > 0 && a.dims[0] > std::numeric_limits<int64_t>::max() / a.batch)
+  if (a.batch > 0 && a.energy.dims[0] > std::numeric_limits<int64_t>::max() / a.batch)
     fail("batch * dims[0] overflows int64");
 }
 

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "fastlangevin/codes.h"
 #include "fastlangevin/cpu.h"
 #include "fastlangevin/langevin_step.h"
 #include "fastlangevin/mlp_chain.h"
@@ -71,11 +72,14 @@ void mlp_chain(uintptr_t z, int64_t batch, const std::vector<int64_t>& dims, con
   flc::MLPChainArgs a;
   a.z = ptr<void>(z);
   a.batch = batch;
-  a.dims = dims;
-  for (uintptr_t w : weight_ptrs) a.weights.push_back(ptr<const void>(w));
-  for (uintptr_t b : bias_ptrs) a.biases.push_back(ptr<const void>(b));
-  a.activation = activation;
-  a.activation_param = activation_param;
+  a.energy.dims = dims;
+  for (uintptr_t w : weight_ptrs) a.energy.weights.push_back(ptr<const void>(w));
+  for (uintptr_t b : bias_ptrs) a.energy.biases.push_back(ptr<const void>(b));
+  // One activation between the layers, none after the output layer.
+  const size_t n_layers = dims.empty() ? 0 : dims.size() - 1;
+  a.energy.activations.assign(n_layers, activation);
+  if (n_layers) a.energy.activations.back() = fastlangevin::kActIdentity;
+  a.energy.activation_params.assign(n_layers, activation_param);
   a.output_sign = output_sign;
   a.n_steps = n_steps;
   a.step_size = step_size;
@@ -130,8 +134,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n_threads"),
         "The fused Langevin chain of an MLP energy (contract: fastlangevin.ops.mlp_chain), z (batch, dims[0]) updated\n"
         "in place. dims (D, H_1, ..., 1); weight l (dims[l+1], dims[l]) row-major; bias_ptrs empty or one per layer.\n"
-        "activation: fastlangevin.energies.ACTIVATIONS code. method: 0 ULA, 1 MALA. energies_ptr, grad_norms_ptr\n"
-        "(n_steps, batch) of dtype and accepted_ptr (uint8) may be 0 (not wanted). clip_grad <= 0: no clipping.");
+        "activation: a code of fastlangevin.ops.codes, after every layer but the last. method: 0 ULA, 1 MALA.\n"
+        "energies_ptr, grad_norms_ptr (n_steps, batch) of dtype and accepted_ptr (uint8) may be 0 (not wanted).\n"
+        "clip_grad <= 0: no clipping.");
   m.def("build_info", &build_info, "How this module was built: compiler, flags, SIMD width, OpenMP.");
   m.attr("PRIOR_FLAT") = (int)fastlangevin::kPriorFlat;
   m.attr("PRIOR_NORMAL") = (int)fastlangevin::kPriorNormal;

@@ -3,20 +3,24 @@
 //
 // log_f32 and sincos_f32 feed Box-Muller (the noise of every CPU kernel); exp_f32, tanh_f32, erf_f32 and log1p_f32
 // feed the activations of the fused MLP chain. Each is within a few ulp of the correctly rounded result over the
-// range its callers use (noted per function). float64 callers use <cmath> instead.
+// range its callers use (noted per function). The *_t overloads at the end pick them for float and <cmath> for
+// double, so that code templated on the compute type calls one name.
 //
 // Include only from translation units compiled with -ffp-contract=off (CMakeLists.txt sets it for csrc/cpu): the
 // polynomials use explicit FMAs where the target has them and must not get others.
 #ifndef FASTLANGEVIN_CPU_MATH_H_
 #define FASTLANGEVIN_CPU_MATH_H_
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#include "fastlangevin/philox.h"  // FL_FORCEINLINE
+#include "fastlangevin/cpu_simd.h"  // FL_ISA_NAMESPACE
+#include "fastlangevin/philox.h"    // FL_FORCEINLINE
 
 namespace fastlangevin {
 namespace cpu {
+inline namespace FL_ISA_NAMESPACE {
 namespace simd {
 
 #if defined(__FMA__) || defined(__aarch64__)
@@ -165,7 +169,34 @@ FL_FORCEINLINE float log1p_f32(float x) {
   return float_of((bits_of(y) & ~tiny) | (bits_of(x) & tiny));
 }
 
+// ---- One name per function for code templated on the compute type -------------------------------------------
+
+FL_FORCEINLINE float exp_t(float x) { return exp_f32(x); }
+FL_FORCEINLINE double exp_t(double x) { return std::exp(x); }
+FL_FORCEINLINE float tanh_t(float x) { return tanh_f32(x); }
+FL_FORCEINLINE double tanh_t(double x) { return std::tanh(x); }
+FL_FORCEINLINE float erf_t(float x) { return erf_f32(x); }
+FL_FORCEINLINE double erf_t(double x) { return std::erf(x); }
+FL_FORCEINLINE float log1p_t(float x) { return log1p_f32(x); }  // x >= 0
+FL_FORCEINLINE double log1p_t(double x) { return std::log1p(x); }
+FL_FORCEINLINE float log_t(float x) { return log_f32(x); }  // x positive, normal, finite
+FL_FORCEINLINE double log_t(double x) { return std::log(x); }
+FL_FORCEINLINE void sincos_t(float theta, float* s, float* c) { sincos_f32(theta, s, c); }  // theta in [0, 2pi]
+FL_FORCEINLINE void sincos_t(double theta, double* s, double* c) {
+  *s = std::sin(theta);
+  *c = std::cos(theta);
+}
+
+// c ? x : y. For float as bit masks: with a plain select GCC threads the comparison through the exp and log1p of
+// softplus (their input is clamped on the same condition) and no longer vectorises the loop.
+FL_FORCEINLINE float select_t(bool c, float x, float y) {
+  const uint32_t m = 0u - (uint32_t)c;
+  return float_of((bits_of(x) & m) | (bits_of(y) & ~m));
+}
+FL_FORCEINLINE double select_t(bool c, double x, double y) { return c ? x : y; }
+
 }  // namespace simd
+}  // namespace FL_ISA_NAMESPACE
 }  // namespace cpu
 }  // namespace fastlangevin
 

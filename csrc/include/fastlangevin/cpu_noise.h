@@ -1,7 +1,8 @@
 // The Philox4x32-10 + Box-Muller noise of fastlangevin.ops.philox for the CPU kernels, a tile of Philox blocks at a
 // time: Philox into arrays (AVX-512 or AVX2 intrinsics for its 32x32->64-bit multiplies, a plain loop elsewhere),
 // then Box-Muller over the arrays with the auto-vectorised log_f32 / sincos_f32 of cpu_math.h (float32) or <cmath>
-// (float64). Shared by the step kernel (csrc/cpu/langevin_step.cpp) and the fused MLP chain (csrc/cpu/mlp_chain.cpp).
+// (float64), one template for both. Shared by the step kernel (csrc/cpu/langevin_step.cpp) and the fused MLP chain
+// (csrc/cpu/mlp_chain.cpp).
 //
 // Include only from translation units compiled with -ffp-contract=off (see cpu_math.h).
 #ifndef FASTLANGEVIN_CPU_NOISE_H_
@@ -9,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -19,6 +21,7 @@
 
 namespace fastlangevin {
 namespace cpu {
+inline namespace FL_ISA_NAMESPACE {
 namespace simd {
 
 constexpr int kTileBlocks = 64;  // Philox blocks per call of tile_noise (n_blocks <= kTileBlocks)
@@ -123,19 +126,39 @@ inline void philox_tile(uint64_t block0, int n_blocks, uint64_t seed, uint64_t c
   philox_tile_scalar(block0, done, n_blocks, seed, counter, xa, xb);
 }
 
+// The uniforms and 2pi of philox.h in the compute type T.
+template <typename T>
+FL_FORCEINLINE T uniform_open0(uint32_t x) {
+  if constexpr (std::is_same<T, float>::value)
+    return uniform_open0_f32(x);
+  else
+    return uniform_open0_f64(x);
+}
+template <typename T>
+FL_FORCEINLINE T uniform_closed0(uint32_t x) {
+  if constexpr (std::is_same<T, float>::value)
+    return uniform_closed0_f32(x);
+  else
+    return uniform_closed0_f64(x);
+}
+template <typename T>
+constexpr T kTwoPi = std::is_same<T, float>::value ? (T)kTwoPiF : (T)kTwoPiD;
+
 // Box-Muller over the tile's pairs; pair p gives elements 2p (cos) and 2p + 1 (sin). `noise` gets 4 * n_blocks
-// values.
-inline void tile_noise(uint64_t block0, int n_blocks, uint64_t seed, uint64_t counter, float* noise) {
+// values. The cos and sin halves go to separate arrays first: a loop that stores them interleaved does not
+// vectorise.
+template <typename T>
+inline void tile_noise(uint64_t block0, int n_blocks, uint64_t seed, uint64_t counter, T* noise) {
   alignas(64) uint32_t xa[2 * kTileBlocks], xb[2 * kTileBlocks];
-  alignas(64) float nc[2 * kTileBlocks], ns[2 * kTileBlocks];
+  alignas(64) T nc[2 * kTileBlocks], ns[2 * kTileBlocks];
   philox_tile(block0, n_blocks, seed, counter, xa, xb);
   const int n_pairs = 2 * n_blocks;
   for (int p = 0; p < n_pairs; ++p) {
-    const float u = uniform_open0_f32(xa[p]);
-    const float theta = kTwoPiF * uniform_closed0_f32(xb[p]);
-    const float r = std::sqrt(-2.0f * log_f32(u));
-    float s, c;
-    sincos_f32(theta, &s, &c);
+    const T u = uniform_open0<T>(xa[p]);
+    const T theta = kTwoPi<T> * uniform_closed0<T>(xb[p]);
+    const T r = std::sqrt(T(-2) * log_t(u));
+    T s, c;
+    sincos_t(theta, &s, &c);
     nc[p] = r * c;
     ns[p] = r * s;
   }
@@ -145,20 +168,8 @@ inline void tile_noise(uint64_t block0, int n_blocks, uint64_t seed, uint64_t co
   }
 }
 
-inline void tile_noise(uint64_t block0, int n_blocks, uint64_t seed, uint64_t counter, double* noise) {
-  alignas(64) uint32_t xa[2 * kTileBlocks], xb[2 * kTileBlocks];
-  philox_tile(block0, n_blocks, seed, counter, xa, xb);
-  const int n_pairs = 2 * n_blocks;
-  for (int p = 0; p < n_pairs; ++p) {
-    const double u = uniform_open0_f64(xa[p]);
-    const double theta = kTwoPiD * uniform_closed0_f64(xb[p]);
-    const double r = std::sqrt(-2.0 * std::log(u));
-    noise[2 * p] = r * std::cos(theta);
-    noise[2 * p + 1] = r * std::sin(theta);
-  }
-}
-
 }  // namespace simd
+}  // namespace FL_ISA_NAMESPACE
 }  // namespace cpu
 }  // namespace fastlangevin
 

@@ -9,14 +9,10 @@
 #ifndef FASTLANGEVIN_LANGEVIN_STEP_H_
 #define FASTLANGEVIN_LANGEVIN_STEP_H_
 
+#include "fastlangevin/codes.h"
 #include "fastlangevin/philox.h"
 
 namespace fastlangevin {
-
-enum PriorKind { kPriorFlat = 0, kPriorNormal = 1, kPriorDiagonal = 2 };
-
-// Dtype codes of the bindings.
-enum DtypeCode { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // Round-to-nearest arithmetic that the compiler may not fuse into an FMA.
 #if defined(__CUDA_ARCH__)

@@ -1,46 +1,39 @@
 // CPU entry point of the fully fused Langevin chain of an MLP energy (fastlangevin.ops.mlp_chain: the contract).
 // Framework-free: raw pointers to contiguous arrays of the compute dtype, sizes and scalars.
 //
-// Layers l = 0..L-1: weight (dims[l+1], dims[l]) row-major, optional bias (dims[l+1],); h_{l+1} = act(W_l h_l + b_l)
-// for the hidden layers, E = output_sign * (W_{L-1} h_{L-1} + b_{L-1}) with dims[L] = 1. All n_steps steps (forward,
-// analytic input gradient, clipping, prior, Philox noise at counter rng_state[1] + k, update; for MALA also the
-// proposal's energy and gradient and the Metropolis test) run in one call, z (batch, dims[0]) updated in place.
+// The energy network: layers l = 0..L-1, weight (dims[l+1], dims[l]) row-major, optional bias (dims[l+1],),
+// h_{l+1} = act_l(W_l h_l + b_l), E = output_sign * h_L with dims[L] = 1. All n_steps steps (forward, analytic input
+// gradient, clipping, prior, Philox noise at counter rng_state[1] + k, update; for MALA also the proposal's energy
+// and gradient and the Metropolis test) run in one call, z (batch, dims[0]) updated in place.
 #ifndef FASTLANGEVIN_MLP_CHAIN_H_
 #define FASTLANGEVIN_MLP_CHAIN_H_
 
 #include <cstdint>
 #include <vector>
 
+#include "fastlangevin/codes.h"
+
 namespace fastlangevin {
 namespace cpu {
 
-// Activation codes: fastlangevin.energies.ACTIVATIONS.
-enum Activation {
-  kActRelu = 0,
-  kActLeakyRelu = 1,  // param: negative slope
-  kActSilu = 2,
-  kActGelu = 3,      // exact (erf)
-  kActGeluTanh = 4,  // tanh approximation
-  kActElu = 5,       // param: alpha
-  kActSoftplus = 6,  // beta 1, threshold 20
-  kActTanh = 7,
+// An MLP as the kernels take it: L = dims.size() - 1 layers.
+struct MLPNetwork {
+  std::vector<int64_t> dims;               // (d_0, ..., d_L)
+  std::vector<const void*> weights;        // L pointers, W_l (dims[l+1], dims[l]) row-major
+  std::vector<const void*> biases;         // empty (no biases) or L pointers, b_l (dims[l+1],)
+  std::vector<int> activations;            // L codes (codes.h): h_{l+1} = act_l(W_l h_l + b_l)
+  std::vector<double> activation_params;   // L parameters: leaky ReLU's slope, ELU's alpha (ignored otherwise)
 };
-
-enum ChainMethod { kMethodUla = 0, kMethodMala = 1 };
 
 struct MLPChainArgs {
   void* z = nullptr;  // (batch, dims[0]), updated in place
   int64_t batch = 0;
-  std::vector<int64_t> dims;          // (D, H_1, ..., H_{L-1}, 1)
-  std::vector<const void*> weights;   // L pointers, weight l (dims[l+1], dims[l]) row-major
-  std::vector<const void*> biases;    // empty (no biases) or L pointers, bias l (dims[l+1],)
-  int activation = kActLeakyRelu;
-  double activation_param = 0.0;
+  MLPNetwork energy;                  // dims (D, ..., 1)
   double output_sign = 1.0;           // +1 or -1
   int64_t n_steps = 0;
   double step_size = 0.0;             // epsilon
   double noise_scale = 0.0;           // sigma (MALA: sqrt(epsilon))
-  int prior_kind = 1;                 // fastlangevin::PriorKind; the diagonal prior reads mean and inv_var (dims[0])
+  int prior_kind = kPriorNormal;      // the diagonal prior reads mean and inv_var (dims[0])
   const void* mean = nullptr;
   const void* inv_var = nullptr;
   const int64_t* rng_state = nullptr;  // [seed, counter]: read, never advanced
@@ -49,7 +42,7 @@ struct MLPChainArgs {
   void* energies = nullptr;    // (n_steps, batch): E of the state before step k; nullptr: not wanted
   void* grad_norms = nullptr;  // (n_steps, batch): its unclipped ||grad E||; nullptr: not wanted
   uint8_t* accepted = nullptr;  // (n_steps, batch), MALA only; nullptr: not wanted
-  int dtype = 0;                // 0 float32, 1 float64
+  int dtype = kFloat32;         // kFloat32 or kFloat64
   int n_threads = 0;            // <= 0: all
 };
 
