@@ -19,6 +19,16 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     print(format_table(rows, columns))
 
 
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """The same table in Markdown (``|`` in a cell is escaped)."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = ["" if row.get(key) is None else format(row[key], spec).replace("|", "\\|")
+                 for key, _, spec in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_json(path: str, payload: dict) -> None:
     """Writes ``payload`` (indented) through a temporary file, so a reader never sees half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
