@@ -18,7 +18,7 @@ from torch import nn
 
 from fastlangevin.backends import note_fallback, resolve_backend
 from fastlangevin.energies import MLPEnergy
-from fastlangevin.graphs import run_graphed
+from fastlangevin.graphs import run_graphed, use_graph
 from fastlangevin.ops.mlp_chain import (FUSED_DTYPES, METHODS, fused_backend_for, run_mlp_chain,
                                         unsupported_reason)
 from fastlangevin.ops.langevin_step import check_hyper, make_rng_state, run_step
@@ -107,10 +107,15 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
         distribution, per-sample accept/reject, ``info.acceptance_rate``; noise_scale must be √ε). A MALA proposal
         whose energy is not finite is rejected.
 
-    cuda_graph: capture the K steps (energy, autograd gradient, fused step) into one CUDA graph, cached by shape,
-        dtype, device, settings and the energy's parameter storage, and replay it (fresh noise each replay: seed and
-        counter live in device memory). Default: on for CUDA tensors unless ``create_graph``; a capture that fails
-        falls back to the eager chain with one warning naming the cause (``fl.backend_info()`` lists it).
+    cuda_graph: capture the K steps (energy, autograd gradient, fused step) into one CUDA graph and replay it (fresh
+        noise each replay: seed and counter live in device memory). A graph is cached under what it reads (z0's
+        shape, dtype and device, the settings, the energy's and prior's parameter storage, attributes and train/eval
+        flags; see ``fastlangevin.graphs``), so an optimiser step is seen by the next replay and anything else
+        that changes captures anew. Default (None): on for CUDA tensors without ``create_graph`` when the energy
+        and prior are ``nn.Module``s; a plain function is not graphed by default (said once in the log and
+        ``fl.backend_info()``), ``cuda_graph=True`` graphs it too, keyed on its code, closure and the globals it
+        names. A capture that fails, or one repeated every call because the energy changes, falls back to the
+        eager chain with one warning naming the cause.
 
     An ``fl.MLPEnergy`` runs the whole chain as one fused kernel where it can (not with ``create_graph``, a prior
     the kernel cannot evaluate, or ``backend="reference"``); why it did not is logged once and shown by
@@ -148,7 +153,7 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
                     clip_grad=clip_grad, return_info=return_info, create_graph=create_graph, method=method)
     with torch.inference_mode(False), torch.enable_grad(), nvtx_range(f"fastlangevin.chain {n_steps} steps"):
         result = None
-        if _use_graph(cuda_graph, z0, create_graph, n_steps):
+        if use_graph(cuda_graph, energy, prior, z0, create_graph, n_steps):
             result = run_graphed(run_chain_body, energy, z0, seed, settings)  # None: capture failed, warned
         if result is None:
             z = z0.contiguous() if create_graph else z0.detach().contiguous().clone()
@@ -159,16 +164,6 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
         return result.z, LangevinInfo(result.energies, result.grad_norms, backend_used, seed, step_size,
                                       noise_scale, method, result.accepted)
     return result.z
-
-
-def _use_graph(cuda_graph, z0, create_graph, n_steps) -> bool:
-    if cuda_graph is None:  # default: on for CUDA tensors whenever a graph can hold the chain
-        return z0.device.type == "cuda" and not create_graph and n_steps > 0
-    if cuda_graph and z0.device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs z0 on a CUDA device, got {z0.device}")
-    if cuda_graph and create_graph:
-        raise ValueError("cuda_graph=True cannot keep the autograd graph of the chain (create_graph=True)")
-    return bool(cuda_graph) and n_steps > 0
 
 
 def _fused_plan(energy, z0, prior: Prior, step_backend: str, create_graph: bool) -> str | None:
