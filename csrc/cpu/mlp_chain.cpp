@@ -1,4 +1,5 @@
-// The fully fused Langevin chain of an MLP energy on the CPU (contract: fastlangevin/ops/mlp_chain.py).
+// The fully fused Langevin chain of MLP energies on the CPU (contract: fastlangevin/ops/mlp_chain.py): an energy
+// network, optionally plus a Gaussian likelihood term through a generator network (a posterior chain).
 //
 // Layout. Samples are cut into tiles of TB = NV * (SIMD lanes) samples; each thread owns whole tiles and runs all
 // K steps on one tile before the next, so the tile's state and activations stay in L1/L2 for the whole chain.
@@ -8,13 +9,17 @@
 //
 // Layer products (cpu_gemm.h). Forward, a_l (n_out x TB) = W_l (n_out x n_in) . x_l (n_in x TB); backward,
 // W_l^T . delta_l. The weights are packed once per call into panels for both directions, shared read-only by the
-// threads. The activation and its slope (forward), the slope product (backward) and, for the last hidden layer, the
-// scalar output layer (a dot product) and the first delta run on each panel of rows while it is in L1. Gradient
-// norms, clipping, the prior term, the Philox noise (the step kernel's generator, cpu_noise.h) and the update then
-// run over the tile's D x TB gradient.
+// threads. Every product hands each panel of output rows to an epilogue while it is in L1: the activation and its
+// slope (hidden layers), the slope product (backward), and in each network's top product layer the energy term
+// itself. For the energy network that is the last hidden layer fused with the scalar output layer (a dot product
+// per sample) and its delta; for the generator, the output layer fused with the residual against the tile's target,
+// the likelihood sum and its delta. Gradient norms, clipping, the prior term, the Philox noise (the step kernel's
+// generator, cpu_noise.h) and the update then run over the tile's D x TB gradient.
 //
-// Notation of one evaluation of the network at x_0 = z: a_l = W_l x_l + b_l, x_{l+1} = act_l(a_l),
-// slope_l = act_l'(a_l), delta_l = dE/da_l; delta_l = (W_{l+1}^T delta_{l+1}) * slope_l and grad E = W_0^T delta_0.
+// Notation of one evaluation of a network at x_0: a_l = W_l x_l + b_l, x_{l+1} = act_l(a_l), slope_l = act_l'(a_l),
+// delta_l = dE/da_l; delta_l = (W_{l+1}^T delta_{l+1}) * slope_l and dE/dx_0 = W_0^T delta_0. The generator reads
+// x_0 = the first Dg rows of the tile's z (feature-major, so that is a prefix of the array) and its dE/dx_0 is added
+// to the first Dg rows of the energy network's gradient.
 //
 // The file is compiled with -ffp-contract=off like the step kernel, so the update rounds like the reference.
 #include "fastlangevin/mlp_chain.h"
@@ -60,27 +65,42 @@ struct Layer {
   T param = 0;
 };
 
-// Everything one call evaluates: the energy network (its last layer has one output and is not packed), and the
-// storage and jobs behind the packed panels.
+// Everything one call evaluates: the energy network (its last layer has one output and is not packed), the
+// generator network of the likelihood term (empty without one), and the storage and jobs behind the packed panels.
 template <typename T>
 struct Model {
-  std::vector<Layer<T>> energy;
+  std::vector<Layer<T>> energy, generator;
   T sign = 1;
+  T likelihood_scale = 0, two_likelihood_scale = 0;  // lambda and 2 lambda: E += lambda ||x - G||^2
   AlignedBuffer<T> storage;         // packed panels, zero biases
   std::vector<PackJob<T>> packing;  // what fills the panels (run by the threads of the chain, see run_tiles)
+
+  bool has_generator() const { return !generator.empty(); }
+  int generator_inputs() const { return has_generator() ? generator.front().n_in : 0; }   // Dg
+  int generator_outputs() const { return has_generator() ? generator.back().n_out : 0; }  // P
 };
 
-// Hands out consecutive cache-line-aligned arrays of one buffer; with base == nullptr it only counts, so that one
-// layout function both sizes and carves a buffer.
+// Hands out consecutive cache-line-aligned arrays of one buffer, or (a counting carver) only adds up their sizes,
+// so that one layout function both sizes and carves a buffer.
 template <typename T>
 struct Carver {
-  T* base = nullptr;
-  size_t used = 0;
+  static Carver counting() { return Carver(); }
+  static Carver over(const AlignedBuffer<T>& buffer) { return Carver(buffer.data()); }
+
+  bool counts() const { return counting_; }
+  size_t used() const { return used_; }
   T* take(size_t n) {
-    T* p = base ? base + used : nullptr;
-    used += whole_lines<T>(n);
+    T* p = counting_ ? nullptr : base_ + used_;
+    used_ += whole_lines<T>(n);
     return p;
   }
+
+ private:
+  Carver() = default;
+  explicit Carver(T* base) : base_(base), counting_(false) {}
+  T* base_ = nullptr;
+  bool counting_ = true;
+  size_t used_ = 0;
 };
 
 // Lays out the layers of `spec` in `carve`'s buffer: forward and backward panels for every layer except a scalar
@@ -89,7 +109,7 @@ template <typename T>
 void layout_network(const MLPNetwork& spec, bool scalar_output, int max_mr, Carver<T>& carve,
                     std::vector<Layer<T>>& layers, std::vector<PackJob<T>>& jobs) {
   const int L = (int)spec.dims.size() - 1;
-  const bool counting = carve.base == nullptr;
+  const bool counting = carve.counts();
   if (!counting) layers.assign(L, Layer<T>());
   for (int l = 0; l < L; ++l) {
     const int n_in = (int)spec.dims[l], n_out = (int)spec.dims[l + 1];
@@ -119,12 +139,17 @@ void layout_network(const MLPNetwork& spec, bool scalar_output, int max_mr, Carv
 
 template <typename T>
 void build_model(const MLPChainArgs& a, int max_mr, Model<T>& m) {
-  Carver<T> count;
+  const bool generator = !a.generator.dims.empty();
+  Carver<T> count = Carver<T>::counting();
   layout_network(a.energy, true, max_mr, count, m.energy, m.packing);
-  m.storage = AlignedBuffer<T>(count.used);
-  Carver<T> carve{m.storage.data()};
+  if (generator) layout_network(a.generator, false, max_mr, count, m.generator, m.packing);
+  m.storage = AlignedBuffer<T>(count.used());
+  Carver<T> carve = Carver<T>::over(m.storage);
   layout_network(a.energy, true, max_mr, carve, m.energy, m.packing);
+  if (generator) layout_network(a.generator, false, max_mr, carve, m.generator, m.packing);
   m.sign = (T)a.output_sign;
+  m.likelihood_scale = generator ? (T)a.likelihood_scale : T(0);
+  m.two_likelihood_scale = generator ? (T)(2 * a.likelihood_scale) : T(0);
 }
 
 // ---- The chain's settings ---------------------------------------------------------------------------------------
@@ -142,9 +167,12 @@ struct Settings {
   const T* mean;
   const T* inv_var;
   uint64_t seed, counter;
+  const T* target;  // (batch, P) with a generator
   T* energies;
   T* grad_norms;
   uint8_t* accepted;
+  int64_t* n_accepted;
+  int64_t* first_bad;
 };
 
 // ---- One thread's workspace for one tile ----------------------------------------------------------------------
@@ -155,23 +183,26 @@ struct State {
   T *z, *grad, *energy, *norm;
 };
 
-// The tile arrays of the energy network's layers. For the product layers l = 0..L-2: delta[l] (n_out x TB); for
-// the hidden layers before the last, l = 0..L-3: output[l] = x_{l+1} (the next layer's input) and slope[l]
-// (nullptr for identity layers). The last hidden layer keeps neither: its epilogue turns them into delta[L-2] and
-// the scalar output at once.
+// The tile arrays of one network's product layers l = 0..top, where `top` is the layer whose epilogue computes the
+// network's energy term (the energy network's last hidden layer, L - 2, fused with the scalar output layer; the
+// generator's output layer, L - 1, fused with the residual): delta[l] (n_out x TB) for each; output[l] = x_{l+1}
+// (the next layer's input) and slope[l] (nullptr for identity layers) below the top only, since the top layer's
+// epilogue turns its output and slope into the energy term and delta[top] at once.
 template <typename T>
 struct NetworkTile {
+  int top = -1;
   std::vector<T*> output, slope, delta;
 
-  void layout(const std::vector<Layer<T>>& layers, int TB, Carver<T>& carve) {
-    const int L = (int)layers.size();
-    output.assign(std::max(L - 1, 0), nullptr);
-    slope.assign(std::max(L - 1, 0), nullptr);
-    delta.assign(std::max(L - 1, 0), nullptr);
-    for (int l = 0; l + 1 < L; ++l) {
+  void layout(const std::vector<Layer<T>>& layers, int top_layer, int TB, Carver<T>& carve) {
+    top = top_layer;
+    const size_t n = (size_t)std::max(top + 1, 0);
+    output.assign(n, nullptr);
+    slope.assign(n, nullptr);
+    delta.assign(n, nullptr);
+    for (int l = 0; l <= top; ++l) {
       const size_t rows = (size_t)layers[l].n_out * TB;
       delta[l] = carve.take(rows);
-      if (l + 2 < L) {
+      if (l < top) {
         output[l] = carve.take(rows);
         if (layers[l].activation != kActIdentity) slope[l] = carve.take(rows);
       }
@@ -185,10 +216,13 @@ struct Work {
   State<T> current, proposal;  // proposal: MALA's z' (unused by ULA)
   T* noise;                    // D x TB: the step's noise, transposed
   T* noise_stream;             // the tile's noise in stream order: nb * D values from an offset < 4, whole blocks
-  NetworkTile<T> energy_net;
+  NetworkTile<T> energy_net, generator_net;
+  T* target;          // P x TB: the tile's likelihood targets (with a generator)
+  T* generator_grad;  // Dg x TB: the likelihood term's gradient (with a generator)
   // Per sample (TB values each):
   T* output_sum;    // W_{L-1} x_{L-1} of the scalar output layer, accumulated over the panels of the layer before
   T* output_scale;  // dE/da_{L-1} = output_sign * act_{L-1}'(a_{L-1})
+  T* residual_sum;  // ||x - G(z)||^2, accumulated over the generator's output panels
   T* sq_norm;       // ||grad E||^2, accumulated over gradient rows
   T* clip_scale;    // min(1, clip / (||grad E|| + 1e-12))
   T *prior_energy, *proposal_prior_energy;       // MALA: U_prior(z), U_prior(z')
@@ -198,11 +232,11 @@ struct Work {
   AlignedBuffer<int32_t> take_storage;
 
   Work(const Model<T>& m, int D, int TB, bool mala) {
-    Carver<T> count;
+    Carver<T> count = Carver<T>::counting();
     layout(m, D, TB, mala, count);
-    storage = AlignedBuffer<T>(count.used);
-    std::memset(storage.data(), 0, count.used * sizeof(T));
-    Carver<T> carve{storage.data()};
+    storage = AlignedBuffer<T>(count.used());
+    std::memset(storage.data(), 0, count.used() * sizeof(T));
+    Carver<T> carve = Carver<T>::over(storage);
     layout(m, D, TB, mala, carve);
     take_storage = AlignedBuffer<int32_t>(whole_lines<int32_t>(TB));
     take = take_storage.data();
@@ -220,9 +254,12 @@ struct Work {
     }
     noise = carve.take(rows);
     noise_stream = carve.take(rows + 8);
-    energy_net.layout(m.energy, TB, carve);
-    for (T** lane : {&output_sum, &output_scale, &sq_norm, &clip_scale, &prior_energy, &proposal_prior_energy,
-                     &forward_residual, &backward_residual})
+    energy_net.layout(m.energy, (int)m.energy.size() - 2, TB, carve);
+    generator_net.layout(m.generator, (int)m.generator.size() - 1, TB, carve);
+    target = m.has_generator() ? carve.take((size_t)m.generator_outputs() * TB) : nullptr;
+    generator_grad = m.has_generator() ? carve.take((size_t)m.generator_inputs() * TB) : nullptr;
+    for (T** lane : {&output_sum, &output_scale, &residual_sum, &sq_norm, &clip_scale, &prior_energy,
+                     &proposal_prior_energy, &forward_residual, &backward_residual})
       *lane = carve.take(TB);
   }
 };
@@ -248,22 +285,15 @@ class TileChain {
 
   // All K steps of the samples [s0, s0 + nb) (nb <= TB).
   void run(int64_t s0, int nb) {
-    const int D = s_.D;
+    load(s0, nb);
     State<T>& st = w_.current;
-    // z^T into the tile; lanes past nb are 0 (they are computed on but never written out)
-    std::memset(st.z, 0, sizeof(T) * (size_t)D * TB);
-    std::memset(w_.noise, 0, sizeof(T) * (size_t)D * TB);
-    for (int b = 0; b < nb; ++b) {
-      const T* __restrict src = s_.z_in + (s0 + b) * D;
-      for (int d = 0; d < D; ++d) st.z[(int64_t)d * TB + b] = src[d];
-    }
     if (s_.method == kMethodUla) {
       for (int64_t k = 0; k < s_.n_steps; ++k) {
         if (s_.noise) draw_noise(s0, nb, s_.counter + (uint64_t)k);
         if (s_.clip > T(0)) {  // the update needs the whole gradient's norm first
           evaluate(st, [](int, int) {});
-          step(st.z, st.grad, st.z, 0, D);
-        } else {  // z is not read after the first layer: update it as the gradient rows come out of the kernel
+          step(st.z, st.grad, st.z, 0, s_.D);
+        } else {  // z is not read after the first layers: update it as the gradient rows come out of the kernel
           evaluate(st, [&](int d0, int d1) { step(st.z, st.grad, st.z, d0, d1); });
         }
         record(k, s0, nb);
@@ -275,10 +305,7 @@ class TileChain {
         mala_step(k, s0, nb);
       }
     }
-    for (int b = 0; b < nb; ++b) {
-      T* __restrict dst = s_.z_out + (s0 + b) * D;
-      for (int d = 0; d < D; ++d) dst[d] = st.z[(int64_t)d * TB + b];
-    }
+    store(s0, nb);
   }
 
  private:
@@ -290,18 +317,50 @@ class TileChain {
     for (int b = 0; b < TB; ++b) lane[b] = T(0);
   }
 
+  // z^T (and the likelihood targets) into the tile; lanes past nb are 0 (computed on, never written out). The
+  // per-sample outputs start at "none yet".
+  void load(int64_t s0, int nb) {
+    const int D = s_.D;
+    T* z = w_.current.z;
+    std::memset(z, 0, sizeof(T) * (size_t)D * TB);
+    std::memset(w_.noise, 0, sizeof(T) * (size_t)D * TB);
+    for (int d = 0; d < D; ++d) gather_lanes<T>(s_.z_in + s0 * D + d, D, nb, z + (int64_t)d * TB);
+    if (m_.has_generator()) {
+      const int P = m_.generator_outputs();
+      std::memset(w_.target, 0, sizeof(T) * (size_t)P * TB);
+      for (int p = 0; p < P; ++p) gather_lanes<T>(s_.target + s0 * P + p, P, nb, w_.target + (int64_t)p * TB);
+    }
+    for (int b = 0; b < nb; ++b) s_.first_bad[s0 + b] = -1;
+    if (s_.n_accepted)
+      for (int b = 0; b < nb; ++b) s_.n_accepted[s0 + b] = 0;
+  }
+
+  void store(int64_t s0, int nb) {
+    const int D = s_.D;
+    for (int b = 0; b < nb; ++b) {
+      T* __restrict dst = s_.z_out + (s0 + b) * D;
+      for (int d = 0; d < D; ++d) dst[d] = w_.current.z[(int64_t)d * TB + b];
+    }
+  }
+
   // ---- Evaluation: E, grad E and its norm at a state, in named stages ----
 
   // Fills at.energy, at.norm and at.grad (clipped). on_rows(d0, d1) runs on each finished block of gradient rows
   // [d0, d1) while it is in L1 (after its squares went into the norms; before clipping, so only where there is
-  // none): ULA's update is fused there.
+  // none): ULA's update is fused there. Both networks read z before the first gradient row is finished.
   template <typename OnRows>
   void evaluate(const State<T>& at, OnRows&& on_rows) {
+    if (m_.has_generator()) likelihood_term(at.z);
     clear(w_.sq_norm);
+    const int Dg = m_.generator_inputs();
     auto gradient_rows = [&](int d0, int d1) {
       T* __restrict ss = w_.sq_norm;
       for (int d = d0; d < d1; ++d) {
-        const T* __restrict g = at.grad + (int64_t)d * TB;
+        T* __restrict g = at.grad + (int64_t)d * TB;
+        if (d < Dg) {
+          const T* __restrict gg = w_.generator_grad + (int64_t)d * TB;
+          for (int b = 0; b < TB; ++b) g[b] += gg[b];
+        }
         for (int b = 0; b < TB; ++b) ss[b] += g[b] * g[b];
       }
       on_rows(d0, d1);
@@ -312,12 +371,13 @@ class TileChain {
     } else {
       energy_forward(at.z);
       energy_output(at.energy);
-      energy_backward(at.grad, gradient_rows);
+      backward(m_.energy, w_.energy_net, at.grad, gradient_rows);
     }
     norm_and_clip(at);
   }
 
-  // A one-layer energy E = sign * act(w . z + b): its gradient is w times a per-sample factor.
+  // A one-layer energy E = sign * act(w . z + b) (+ the likelihood term): the network's gradient is w times a
+  // per-sample factor.
   void linear_energy(const State<T>& at) {
     const Layer<T>& out = m_.energy[0];
     T* __restrict sum = w_.output_sum;
@@ -336,39 +396,15 @@ class TileChain {
     }
   }
 
-  // Hidden layers x_{l+1} = act_l(W_l x_l + b_l) (keeping slope_l), then the last hidden layer fused with the scalar
-  // output layer: output_sum = W_{L-1} act_{L-2}(a_{L-2}) and delta[L-2] = W_{L-1}^T * slope_{L-2}, times the
-  // output sign where the output layer is linear (energy_output applies dE/da_{L-1} otherwise).
-  void energy_forward(const T* z) {
-    const std::vector<Layer<T>>& net = m_.energy;
-    const NetworkTile<T>& tile = w_.energy_net;
-    const int L = (int)net.size();
-    const T* x = z;
-    for (int l = 0; l + 2 < L; ++l) {
+  // The hidden layers below the top layer of `net` from x_0: x_{l+1} = act_l(W_l x_l + b_l), keeping slope_l.
+  // Returns the top layer's input.
+  const T* forward_below_top(const std::vector<Layer<T>>& net, const NetworkTile<T>& tile, const T* x0) {
+    const T* x = x0;
+    for (int l = 0; l < tile.top; ++l) {
       hidden_layer(net[l], x, tile.output[l], tile.slope[l]);
       x = tile.output[l];
     }
-    const Layer<T>& last = net[L - 2];
-    const Layer<T>& out = net[L - 1];
-    const T sign = out.activation == kActIdentity ? m_.sign : T(1);
-    T* __restrict sum = w_.output_sum;
-    clear(sum);
-    T* delta = tile.delta[L - 2];
-    with_activation(last.activation, [&](auto act) {
-      constexpr int ACT = decltype(act)::value;
-      product<T, NV>(last.forward, x, delta, [&](int n0, int h) {
-        for (int r = n0; r < n0 + h; ++r) {
-          T* __restrict dr = delta + (int64_t)r * TB;
-          const T br = last.bias[r], wr = out.weight[r], gw = sign * wr;
-          for (int b = 0; b < TB; ++b) {
-            T hv, dv;
-            activation<ACT, T>(dr[b] + br, last.param, hv, dv);
-            sum[b] += wr * hv;
-            dr[b] = gw * dv;
-          }
-        }
-      });
-    });
+    return x;
   }
 
   // x_{l+1} = act(W x + b) into `out`, act'(.) into `slope` (not kept for identity layers).
@@ -391,8 +427,39 @@ class TileChain {
     });
   }
 
-  // E = sign * act_{L-1}(a_{L-1}) from output_sum, and output_scale = dE/da_{L-1}; where the output layer is not
-  // linear, the last hidden layer's delta gets that factor now (energy_forward could not know it yet).
+  // The energy network's hidden layers, then its last hidden layer (the top) fused with the scalar output layer:
+  // output_sum = W_{L-1} act_{L-2}(a_{L-2}) and delta[L-2] = W_{L-1}^T * slope_{L-2}, times the output sign where
+  // the output layer is linear (energy_output applies dE/da_{L-1} otherwise).
+  void energy_forward(const T* z) {
+    const std::vector<Layer<T>>& net = m_.energy;
+    const NetworkTile<T>& tile = w_.energy_net;
+    const T* x = forward_below_top(net, tile, z);
+    const Layer<T>& last = net[tile.top];
+    const Layer<T>& out = net.back();
+    const T sign = out.activation == kActIdentity ? m_.sign : T(1);
+    T* __restrict sum = w_.output_sum;
+    clear(sum);
+    T* delta = tile.delta[tile.top];
+    with_activation(last.activation, [&](auto act) {
+      constexpr int ACT = decltype(act)::value;
+      product<T, NV>(last.forward, x, delta, [&](int n0, int h) {
+        for (int r = n0; r < n0 + h; ++r) {
+          T* __restrict dr = delta + (int64_t)r * TB;
+          const T br = last.bias[r], wr = out.weight[r], gw = sign * wr;
+          for (int b = 0; b < TB; ++b) {
+            T hv, dv;
+            activation<ACT, T>(dr[b] + br, last.param, hv, dv);
+            sum[b] += wr * hv;
+            dr[b] = gw * dv;
+          }
+        }
+      });
+    });
+  }
+
+  // E = sign * act_{L-1}(a_{L-1}) from output_sum (plus the likelihood term), and output_scale = dE/da_{L-1};
+  // where the output layer is not linear, the top layer's delta gets that factor now (energy_forward could not know
+  // it yet).
   void energy_output(T* energy) {
     const std::vector<Layer<T>>& net = m_.energy;
     const Layer<T>& out = net.back();
@@ -408,24 +475,58 @@ class TileChain {
         scale[b] = sign * dv;
       }
     });
+    if (m_.has_generator()) {
+      const T lambda = m_.likelihood_scale;
+      const T* __restrict rs = w_.residual_sum;
+      for (int b = 0; b < TB; ++b) energy[b] = energy[b] + lambda * rs[b];
+    }
     if (out.activation == kActIdentity || net.size() == 1) return;
-    const int L = (int)net.size();
-    T* delta = w_.energy_net.delta[L - 2];
-    for (int r = 0; r < net[L - 2].n_out; ++r) {
+    const int top = w_.energy_net.top;
+    T* delta = w_.energy_net.delta[top];
+    for (int r = 0; r < net[top].n_out; ++r) {
       T* __restrict dr = delta + (int64_t)r * TB;
       for (int b = 0; b < TB; ++b) dr[b] *= scale[b];
     }
   }
 
-  // delta_{l-1} = (W_l^T delta_l) * slope_{l-1} down to delta_0, then grad = W_0^T delta_0, each block of gradient
-  // rows handed to gradient_rows.
+  // The likelihood term lambda ||x - G(z[:Dg])||^2: the generator's hidden layers, then its output layer (the top)
+  // fused with the residual r = G - x: residual_sum = ||r||^2 and delta[top] = 2 lambda r * slope; then its gradient
+  // into generator_grad (added to the energy network's gradient rows by evaluate).
+  void likelihood_term(const T* z) {
+    const std::vector<Layer<T>>& net = m_.generator;
+    const NetworkTile<T>& tile = w_.generator_net;
+    const T* x = forward_below_top(net, tile, z);
+    const Layer<T>& out = net[tile.top];
+    const T two_lambda = m_.two_likelihood_scale;
+    T* __restrict sum = w_.residual_sum;
+    clear(sum);
+    T* delta = tile.delta[tile.top];
+    with_activation(out.activation, [&](auto act) {
+      constexpr int ACT = decltype(act)::value;
+      product<T, NV>(out.forward, x, delta, [&](int n0, int h) {
+        for (int p = n0; p < n0 + h; ++p) {
+          T* __restrict dr = delta + (int64_t)p * TB;
+          const T* __restrict xr = w_.target + (int64_t)p * TB;
+          const T bp = out.bias[p];
+          for (int b = 0; b < TB; ++b) {
+            T hv, dv;
+            activation<ACT, T>(dr[b] + bp, out.param, hv, dv);
+            const T r = hv - xr[b];
+            sum[b] += r * r;
+            dr[b] = (two_lambda * r) * dv;
+          }
+        }
+      });
+    });
+    backward(net, tile, w_.generator_grad, [](int, int) {});
+  }
+
+  // From the top layer's delta: delta_{l-1} = (W_l^T delta_l) * slope_{l-1} down to delta_0, then
+  // grad = W_0^T delta_0, each finished block of gradient rows [d0, d1) handed to on_rows.
   template <typename OnRows>
-  void energy_backward(T* grad, OnRows&& gradient_rows) {
-    const std::vector<Layer<T>>& net = m_.energy;
-    const NetworkTile<T>& tile = w_.energy_net;
-    const int L = (int)net.size();
-    const T* delta = tile.delta[L - 2];
-    for (int l = L - 2; l >= 1; --l) {
+  void backward(const std::vector<Layer<T>>& net, const NetworkTile<T>& tile, T* grad, OnRows&& on_rows) {
+    const T* delta = tile.delta[tile.top];
+    for (int l = tile.top; l >= 1; --l) {
       T* out = tile.delta[l - 1];
       const T* slope = tile.slope[l - 1];
       product<T, NV>(net[l].backward, delta, out, [&](int n0, int h) {
@@ -436,7 +537,7 @@ class TileChain {
       });
       delta = out;
     }
-    product<T, NV>(net[0].backward, delta, grad, [&](int n0, int h) { gradient_rows(n0, n0 + h); });
+    product<T, NV>(net[0].backward, delta, grad, [&](int n0, int h) { on_rows(n0, n0 + h); });
   }
 
   // norm = ||grad E|| per sample, then clipping: grad *= min(1, clip / (norm + 1e-12)) (NaN stays NaN, like
@@ -457,7 +558,7 @@ class TileChain {
     }
   }
 
-  // ---- Noise, update, MALA ----
+  // ---- Noise, update, MALA, outputs ----
 
   // The step noise of the tile's samples [s0, s0 + nb) at `counter`, transposed into w.noise (D x TB; the lanes
   // past nb stay 0). Elements s0 * D .. (s0 + nb) * D - 1 of the stream are contiguous: whole Philox blocks are drawn
@@ -547,9 +648,15 @@ class TileChain {
     }
   }
 
+  // The current state's outputs at step k: first_bad where E or its gradient is not finite for the first time;
+  // energies and gradient norms when wanted.
   void record(int64_t k, int64_t s0, int nb) {
-    if (s_.energies) std::memcpy(s_.energies + k * s_.batch + s0, w_.current.energy, sizeof(T) * nb);
-    if (s_.grad_norms) std::memcpy(s_.grad_norms + k * s_.batch + s0, w_.current.norm, sizeof(T) * nb);
+    const T* e = w_.current.energy;
+    const T* norm = w_.current.norm;
+    for (int b = 0; b < nb; ++b)
+      if (!(std::isfinite(e[b]) && std::isfinite(norm[b])) && s_.first_bad[s0 + b] < 0) s_.first_bad[s0 + b] = k;
+    if (s_.energies) std::memcpy(s_.energies + k * s_.batch + s0, e, sizeof(T) * nb);
+    if (s_.grad_norms) std::memcpy(s_.grad_norms + k * s_.batch + s0, norm, sizeof(T) * nb);
   }
 
   // One MALA step from the current state: proposal, its energy and gradient, the Metropolis test, and the
@@ -569,11 +676,13 @@ class TileChain {
     int32_t* __restrict take = w_.take;
     for (int b = 0; b < TB; ++b) {
       take[b] = 0;
-      if (b < nb) {  // accept where log u < log alpha (a NaN log alpha rejects)
+      if (b < nb) {  // accept where log u < log alpha and E(z') is finite (a NaN log alpha rejects)
         const T log_alpha = (cur.energy[b] + w_.prior_energy[b]) - (prop.energy[b] + w_.proposal_prior_energy[b]) -
                             (w_.backward_residual[b] - w_.forward_residual[b]) / s_.two_eps;
-        take[b] = log_acceptance_uniform<T>(s_.seed, counter, (uint64_t)(s0 + b)) < log_alpha ? 1 : 0;
+        take[b] = std::isfinite(prop.energy[b]) &&
+                  log_acceptance_uniform<T>(s_.seed, counter, (uint64_t)(s0 + b)) < log_alpha;
         if (s_.accepted) s_.accepted[k * s_.batch + s0 + b] = (uint8_t)take[b];
+        if (s_.n_accepted) s_.n_accepted[s0 + b] += take[b];
       }
     }
     for (int d = 0; d < s_.D; ++d) {
@@ -675,9 +784,12 @@ void chain_typed(const MLPChainArgs& a) {
   s.inv_var = static_cast<const T*>(a.inv_var);
   s.seed = a.rng_state ? (uint64_t)a.rng_state[0] : 0;
   s.counter = a.rng_state ? (uint64_t)a.rng_state[1] : 0;
+  s.target = static_cast<const T*>(a.target);
   s.energies = static_cast<T*>(a.energies);
   s.grad_norms = static_cast<T*>(a.grad_norms);
   s.accepted = a.method == kMethodMala ? a.accepted : nullptr;
+  s.n_accepted = a.method == kMethodMala ? a.n_accepted : nullptr;
+  s.first_bad = a.first_bad;
 
   if (nv == 1)
     run_tiles<T, 1>(m, s, n_threads);
@@ -723,6 +835,18 @@ void check_mlp_chain_args(const MLPChainArgs& a) {
   check_network(a.energy, "energy");
   if (a.energy.dims.back() != 1)
     fail("the energy's last size must be 1 (a scalar energy), got " + std::to_string(a.energy.dims.back()));
+  if (!a.generator.dims.empty()) {
+    check_network(a.generator, "generator");
+    if (a.generator.dims[0] > a.energy.dims[0])
+      fail("the generator reads z[:, :Dg] with Dg = generator dims[0] <= D = " + std::to_string(a.energy.dims[0]) +
+           ", got Dg = " + std::to_string(a.generator.dims[0]));
+    if (!(a.likelihood_scale > 0) || !std::isfinite(a.likelihood_scale))
+      fail("likelihood_scale (1 / (2 sigma^2)) must be finite and > 0 with a generator, got " +
+           std::to_string(a.likelihood_scale));
+    if (a.batch > 0 && !a.target) fail("a generator needs target_ptr ((batch, P) targets), got 0");
+  } else if (a.target) {
+    fail("target_ptr given without a generator");
+  }
   if (a.output_sign != 1.0 && a.output_sign != -1.0)
     fail("output_sign must be 1 or -1, got " + std::to_string(a.output_sign));
   if (a.method != kMethodUla && a.method != kMethodMala)
@@ -736,11 +860,19 @@ void check_mlp_chain_args(const MLPChainArgs& a) {
   if ((a.noise_scale != 0.0 || a.method == kMethodMala) && !a.rng_state)
     fail("noise_scale != 0 and MALA need rng_state_ptr");
   if (a.batch > 0 && a.n_steps > 0 && !a.z) fail("z_ptr is 0");
+  if (a.batch > 0 && !a.first_bad) fail("first_bad_ptr ((batch,) int64, always written) is 0");
   if (a.batch > 0 && a.energy.dims[0] > std::numeric_limits<int64_t>::max() / a.batch)
     fail("batch * dims[0] overflows int64");
+  if (a.batch > 0 && !a.generator.dims.empty() &&
+      a.generator.dims.back() > std::numeric_limits<int64_t>::max() / a.batch)
+    fail("batch * P (the target's size) overflows int64");
 }
 
 void mlp_chain(const MLPChainArgs& a) {
+  if (a.batch > 0 && a.n_steps == 0) {
+    std::fill(a.first_bad, a.first_bad + a.batch, int64_t(-1));
+    if (a.method == kMethodMala && a.n_accepted) std::fill(a.n_accepted, a.n_accepted + a.batch, int64_t(0));
+  }
   if (a.batch == 0 || a.n_steps == 0) return;
   if (a.dtype == kFloat32)
     chain_typed<float>(a);

@@ -4,7 +4,9 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "fastlangevin/codes.h"
@@ -64,23 +66,34 @@ void normal_noise(uintptr_t out, int64_t n, uintptr_t rng_state, int dtype, int 
     flc::normal_noise_f64(ptr<double>(out), n, ptr<const int64_t>(rng_state), n_threads);
 }
 
-void mlp_chain(uintptr_t z, int64_t batch, const std::vector<int64_t>& dims, const std::vector<uintptr_t>& weight_ptrs,
-               const std::vector<uintptr_t>& bias_ptrs, int activation, double activation_param, double output_sign,
+// (dims, weight_ptrs, bias_ptrs, activations, activation_params): an MLPNetwork from Python.
+using NetworkTuple = std::tuple<std::vector<int64_t>, std::vector<uintptr_t>, std::vector<uintptr_t>, std::vector<int>,
+                                std::vector<double>>;
+
+flc::MLPNetwork network(const NetworkTuple& t) {
+  flc::MLPNetwork net;
+  net.dims = std::get<0>(t);
+  for (uintptr_t w : std::get<1>(t)) net.weights.push_back(ptr<const void>(w));
+  for (uintptr_t b : std::get<2>(t)) net.biases.push_back(ptr<const void>(b));
+  net.activations = std::get<3>(t);
+  net.activation_params = std::get<4>(t);
+  return net;
+}
+
+void mlp_chain(uintptr_t z, int64_t batch, const NetworkTuple& energy, double output_sign,
+               const std::optional<NetworkTuple>& generator, uintptr_t target, double likelihood_scale,
                int64_t n_steps, double step_size, double noise_scale, int prior_kind, uintptr_t mean,
                uintptr_t inv_var, uintptr_t rng_state, double clip_grad, int method, uintptr_t energies,
-               uintptr_t grad_norms, uintptr_t accepted, int dtype, int n_threads) {
+               uintptr_t grad_norms, uintptr_t accepted, uintptr_t first_bad, int dtype, int n_threads,
+               uintptr_t n_accepted) {
   flc::MLPChainArgs a;
   a.z = ptr<void>(z);
   a.batch = batch;
-  a.energy.dims = dims;
-  for (uintptr_t w : weight_ptrs) a.energy.weights.push_back(ptr<const void>(w));
-  for (uintptr_t b : bias_ptrs) a.energy.biases.push_back(ptr<const void>(b));
-  // One activation between the layers, none after the output layer.
-  const size_t n_layers = dims.empty() ? 0 : dims.size() - 1;
-  a.energy.activations.assign(n_layers, activation);
-  if (n_layers) a.energy.activations.back() = fastlangevin::kActIdentity;
-  a.energy.activation_params.assign(n_layers, activation_param);
+  a.energy = network(energy);
   a.output_sign = output_sign;
+  if (generator) a.generator = network(*generator);
+  a.target = ptr<const void>(target);
+  a.likelihood_scale = likelihood_scale;
   a.n_steps = n_steps;
   a.step_size = step_size;
   a.noise_scale = noise_scale;
@@ -93,6 +106,8 @@ void mlp_chain(uintptr_t z, int64_t batch, const std::vector<int64_t>& dims, con
   a.energies = ptr<void>(energies);
   a.grad_norms = ptr<void>(grad_norms);
   a.accepted = ptr<uint8_t>(accepted);
+  a.n_accepted = ptr<int64_t>(n_accepted);
+  a.first_bad = ptr<int64_t>(first_bad);
   a.dtype = dtype;
   a.n_threads = n_threads;
   flc::check_mlp_chain_args(a);  // std::invalid_argument -> ValueError
@@ -126,16 +141,19 @@ PYBIND11_MODULE(_C, m) {
         "uses i % D). rng_state_ptr: int64 [seed, counter], read, not advanced. n_threads <= 0: all.");
   m.def("normal_noise", &normal_noise, py::arg("out_ptr"), py::arg("n"), py::arg("rng_state_ptr"), py::arg("dtype"),
         py::arg("n_threads"), "Writes the first n values of the Philox/Box-Muller stream at rng_state to out.");
-  m.def("mlp_chain", &mlp_chain, py::arg("z_ptr"), py::arg("batch"), py::arg("dims"), py::arg("weight_ptrs"),
-        py::arg("bias_ptrs"), py::arg("activation"), py::arg("activation_param"), py::arg("output_sign"),
-        py::arg("n_steps"), py::arg("step_size"), py::arg("noise_scale"), py::arg("prior_kind"), py::arg("mean_ptr"),
+  m.def("mlp_chain", &mlp_chain, py::arg("z_ptr"), py::arg("batch"), py::arg("energy"), py::arg("output_sign"),
+        py::arg("generator"), py::arg("target_ptr"), py::arg("likelihood_scale"), py::arg("n_steps"),
+        py::arg("step_size"), py::arg("noise_scale"), py::arg("prior_kind"), py::arg("mean_ptr"),
         py::arg("inv_var_ptr"), py::arg("rng_state_ptr"), py::arg("clip_grad"), py::arg("method"),
-        py::arg("energies_ptr"), py::arg("grad_norms_ptr"), py::arg("accepted_ptr"), py::arg("dtype"),
-        py::arg("n_threads"),
-        "The fused Langevin chain of an MLP energy (contract: fastlangevin.ops.mlp_chain), z (batch, dims[0]) updated\n"
-        "in place. dims (D, H_1, ..., 1); weight l (dims[l+1], dims[l]) row-major; bias_ptrs empty or one per layer.\n"
-        "activation: a code of fastlangevin.ops.codes, after every layer but the last. method: 0 ULA, 1 MALA.\n"
-        "energies_ptr, grad_norms_ptr (n_steps, batch) of dtype and accepted_ptr (uint8) may be 0 (not wanted).\n"
+        py::arg("energies_ptr"), py::arg("grad_norms_ptr"), py::arg("accepted_ptr"), py::arg("first_bad_ptr"),
+        py::arg("dtype"), py::arg("n_threads"), py::arg("n_accepted_ptr") = 0,
+        "The fused Langevin chain of MLP energies (contract: fastlangevin.ops.mlp_chain), z (batch, D) updated in\n"
+        "place. energy, generator: (dims, weight_ptrs, bias_ptrs, activations, activation_params) with weight l\n"
+        "(dims[l+1], dims[l]) row-major, bias_ptrs empty or one per layer, activations codes of\n"
+        "fastlangevin.ops.codes (one per layer, applied after it). The energy maps D -> 1; generator None, or\n"
+        "Dg -> P with Dg <= D, reading z[:, :Dg], with target_ptr (batch, P) and likelihood_scale 1 / (2 sigma^2).\n"
+        "method: 0 ULA, 1 MALA. energies_ptr, grad_norms_ptr (n_steps, batch) of dtype, accepted_ptr (uint8) and\n"
+        "n_accepted_ptr (batch,) int64 may be 0 (not wanted); first_bad_ptr (batch,) int64 is always written.\n"
         "clip_grad <= 0: no clipping.");
   m.def("build_info", &build_info, "How this module was built: compiler, flags, SIMD width, OpenMP.");
   m.attr("PRIOR_FLAT") = (int)fastlangevin::kPriorFlat;

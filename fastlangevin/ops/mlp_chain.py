@@ -62,12 +62,15 @@ def mlp_chain_cpu(z0: torch.Tensor, weights: list[torch.Tensor], biases: list[to
     energies, grad_norms = _outputs(z0, n_steps, return_info)
     accepted = torch.zeros((n_steps if method == MALA else 0, z0.shape[0]), dtype=torch.uint8)
     dims = [z.shape[1]] + [w.shape[0] for w in weights]
+    n_layers, identity = len(weights), 8  # the v2 binding: an activation code per layer, identity (8) after the last
+    energy = (dims, [w.data_ptr() for w in weights], [b.data_ptr() for b in biases],
+              [activation] * (n_layers - 1) + [identity], [activation_param] * n_layers)
+    first_bad = torch.empty(z.shape[0], dtype=torch.int64)  # not read yet: the sampler checks the energies
     _ext.require_cpu().mlp_chain(
-        z.data_ptr(), z.shape[0], dims, [w.data_ptr() for w in weights], [b.data_ptr() for b in biases],
-        activation, activation_param, output_sign, n_steps, step_size, noise_scale, prior_kind, _ptr(prior_mean),
-        _ptr(prior_inv_var), rng_state.data_ptr(), clip_grad, method, energies.data_ptr(),
+        z.data_ptr(), z.shape[0], energy, output_sign, None, 0, 0.0, n_steps, step_size, noise_scale, prior_kind,
+        _ptr(prior_mean), _ptr(prior_inv_var), rng_state.data_ptr(), clip_grad, method, energies.data_ptr(),
         grad_norms.data_ptr() if return_info else 0, accepted.data_ptr() if method == MALA else 0,
-        DTYPE_CODES[z.dtype], torch.get_num_threads())
+        first_bad.data_ptr(), DTYPE_CODES[z.dtype], torch.get_num_threads())
     return z, energies, grad_norms, accepted
 
 

@@ -27,7 +27,7 @@ FL_FORCEINLINE void activation(T a, T param, T& h, T& d) {
   using simd::select_t;
   using simd::tanh_t;
   if constexpr (ACT == kActRelu) {
-    h = a > T(0) ? a : T(0);
+    h = a < T(0) ? T(0) : a;  // NaN stays NaN, as torch.relu
     d = a > T(0) ? T(1) : T(0);
   } else if constexpr (ACT == kActLeakyRelu) {
     h = a > T(0) ? a : a * param;

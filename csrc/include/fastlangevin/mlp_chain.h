@@ -1,10 +1,12 @@
-// CPU entry point of the fully fused Langevin chain of an MLP energy (fastlangevin.ops.mlp_chain: the contract).
+// CPU entry point of the fully fused Langevin chain of MLP energies (contract: fastlangevin.ops.mlp_chain).
 // Framework-free: raw pointers to contiguous arrays of the compute dtype, sizes and scalars.
 //
-// The energy network: layers l = 0..L-1, weight (dims[l+1], dims[l]) row-major, optional bias (dims[l+1],),
-// h_{l+1} = act_l(W_l h_l + b_l), E = output_sign * h_L with dims[L] = 1. All n_steps steps (forward, analytic input
-// gradient, clipping, prior, Philox noise at counter rng_state[1] + k, update; for MALA also the proposal's energy
-// and gradient and the Metropolis test) run in one call, z (batch, dims[0]) updated in place.
+// Total energy E(z) = output_sign * energy(z) + likelihood_scale * ||target_b - generator(z[:, :Dg])||^2, the second
+// term only with a generator (Dg = its dims[0] <= D, target (batch, P) with P its last size). A network of L layers:
+// weight (dims[l+1], dims[l]) row-major, optional bias (dims[l+1],), h_{l+1} = act_l(W_l h_l + b_l); the energy
+// network ends in one output. All n_steps steps (forward, analytic input gradient of both terms, clipping of the
+// total gradient, prior, Philox noise at counter rng_state[1] + k, update; for MALA also the proposal's energy and
+// gradient and the Metropolis test) run in one call, z (batch, dims[0]) updated in place.
 #ifndef FASTLANGEVIN_MLP_CHAIN_H_
 #define FASTLANGEVIN_MLP_CHAIN_H_
 
@@ -30,6 +32,9 @@ struct MLPChainArgs {
   int64_t batch = 0;
   MLPNetwork energy;                  // dims (D, ..., 1)
   double output_sign = 1.0;           // +1 or -1
+  MLPNetwork generator;               // dims (Dg, ..., P) with Dg <= D; empty dims: no likelihood term
+  const void* target = nullptr;       // (batch, P): x_b of the likelihood term (with a generator)
+  double likelihood_scale = 0.0;      // 1 / (2 sigma^2) of the likelihood term, > 0 (with a generator)
   int64_t n_steps = 0;
   double step_size = 0.0;             // epsilon
   double noise_scale = 0.0;           // sigma (MALA: sqrt(epsilon))
@@ -42,6 +47,10 @@ struct MLPChainArgs {
   void* energies = nullptr;    // (n_steps, batch): E of the state before step k; nullptr: not wanted
   void* grad_norms = nullptr;  // (n_steps, batch): its unclipped ||grad E||; nullptr: not wanted
   uint8_t* accepted = nullptr;  // (n_steps, batch), MALA only; nullptr: not wanted
+  int64_t* n_accepted = nullptr;  // (batch,), MALA only: accepted proposals per sample; nullptr: not wanted
+  // (batch,), always written: the first step k at which E(z_k) or its gradient was not finite, -1 when none
+  // (a MALA proposal whose energy is not finite is rejected and does not count).
+  int64_t* first_bad = nullptr;
   int dtype = kFloat32;         // kFloat32 or kFloat64
   int n_threads = 0;            // <= 0: all
 };
