@@ -15,7 +15,8 @@ import fastlangevin as fl
 from fastlangevin.models.hierarchical import EpsilonEnergy, Gaussian, HierarchicalVAE, JointEBMPrior, \
     channels_for_params
 from fastlangevin.trainers import commands, load_checkpoint
-from fastlangevin.trainers.hierarchical import generate, load_run, resample_lower, sample_epsilon, train_hierarchical
+from fastlangevin.trainers.hierarchical import generate, resample_lower, sample_epsilon
+from fastlangevin.trainers.hierarchical_ebm import load_run, train_hierarchical
 from tests.nets import one_thread, perturbed  # noqa: F401 (one_thread: an autouse fixture)
 
 TINY = dict(data_shape=(1, 8, 8), latent_channels=(2, 2, 1), channels=8, n_cells=1)
@@ -138,7 +139,7 @@ def test_chain_with_zero_ebm_keeps_the_standard_normal():
             e.layers[-1].bias.zero_()
     h, n = 0.1, 4000
     eps0 = torch.randn(n, vae.latent_dim, generator=torch.Generator().manual_seed(0))
-    eps = sample_epsilon(vae, ebm, eps0, 30, h, seed=5).double()
+    eps = sample_epsilon(EpsilonEnergy(vae, ebm), eps0, 30, h, seed=5).double()
     variance = 1 / (1 - h / 4)
     mean_se = math.sqrt(variance / n)
     assert eps.mean(0).abs().max() < 5 * mean_se  # per coordinate
@@ -150,9 +151,9 @@ def test_resampling_keeps_the_fixed_groups_bit_identical(tiny):
     vae, ebm = tiny
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     top = vae.posterior(x, mean=True).z
-    for model in (None, ebm):
+    for energy in (None, EpsilonEnergy(vae, ebm)):
         for keep in (1, 2):
-            z, images = resample_lower(vae, model, x, keep, 3, 0.05, seed=keep)
+            z, images = resample_lower(vae, energy, x, keep, 3, 0.05, seed=keep)
             assert images.shape == (3, 1, 8, 8)
             for i in range(keep):
                 assert torch.equal(z[i], top[i])
@@ -185,10 +186,10 @@ def test_bad_input_is_named(tiny):
     with pytest.raises(ValueError, match="variant"):
         EpsilonEnergy(vae, ebm, "exact")
     with pytest.raises(ValueError, match="keep"):
-        resample_lower(vae, ebm, torch.rand(1, 1, 8, 8, dtype=torch.float64), 3, 1, 0.1)
+        resample_lower(vae, EpsilonEnergy(vae, ebm), torch.rand(1, 1, 8, 8, dtype=torch.float64), 3, 1, 0.1)
     with pytest.raises(ValueError, match="expected 3 latent groups"):
         ebm([torch.zeros(1, 2, 1, 1)])
-    with pytest.raises(ValueError, match="joint model only"):
+    with pytest.raises(ValueError, match="train-prior gaussian: prior_steps is not a setting"):
         train_hierarchical("gaussian", "digits", "unused", prior_steps=3)
     with pytest.raises(ValueError, match="scheme"):
         train_hierarchical("joint", "digits", "unused", scheme="both")
@@ -230,7 +231,7 @@ def test_joint_run_directory_and_resume(runs, tmp_path):
     assert [h["step"] for h in metrics["history"]] == [3]
     vae, ebm, _ = load_run(j)
     assert ebm is not None and not any(p.requires_grad for p in ebm.parameters())
-    assert generate(vae, ebm, 5, 2, 0.05).shape == (5, 1, 8, 8)
+    assert generate(vae, EpsilonEnergy(vae, ebm), 5, 2, 0.05).shape == (5, 1, 8, 8)
     # resume: continue to 5 steps from the step-3 checkpoint; the frozen VAE is untouched
     vae_before = load_checkpoint(j / "vae.safetensors")
     commands.main(["train-prior", "joint", "--out", str(j), "--data", "digits", "--steps", "5", "--resume"])

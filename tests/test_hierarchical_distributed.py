@@ -20,12 +20,12 @@ EBM = ["--prior-steps", "3", "--energy-width", "8"]
 WORKER = SPIES + textwrap.dedent("""
     import shutil
     from fastlangevin import cli
-    from fastlangevin.trainers import hierarchical
+    from fastlangevin.trainers import hierarchical, hierarchical_ebm
 
-    hierarchical.plot_panels = spy(quality.plot_panels, 1)
+    quality.plot_panels = hierarchical.plot_panels = spy(quality.plot_panels, 1)  # the latter for plot_transition
     shutil.copyfile = spy(shutil.copyfile, 1)  # --init-from copies the VAE's checkpoint
-    hierarchical.HierarchicalVAE = keep("vae", hierarchical.HierarchicalVAE)
-    hierarchical.JointEBMPrior = keep("ebm", hierarchical.JointEBMPrior)
+    hierarchical.HierarchicalVAE = hierarchical_ebm.HierarchicalVAE = keep("vae", hierarchical.HierarchicalVAE)
+    hierarchical_ebm.JointEBMPrior = keep("ebm", hierarchical_ebm.JointEBMPrior)
     for name, args in json.loads(sys.argv[2]):
         cli.main(["train-prior", *args])
         torch.save({k: m.state_dict() for k, m in modules.items() if k != "grads"},

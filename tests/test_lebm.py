@@ -18,7 +18,8 @@ import fastlangevin.sampler
 from fastlangevin.models.lebm import JointLatentEBM, LatentEBM, VariationalLatentEBM, make_prior_model
 from fastlangevin.priors import stationary_variance
 from fastlangevin.trainers import commands, load_checkpoint
-from fastlangevin.trainers.lebm import _Chains, train_lebm
+from fastlangevin.trainers.chains import Chains
+from fastlangevin.trainers.lebm import train_lebm
 
 SHAPE = (1, 3, 3)
 TINY = ["--data", "digits", "--steps", "4", "--batch-size", "16", "--prior-steps", "5", "--eval-every", "2",
@@ -141,9 +142,8 @@ def test_prior_chain_with_zero_energy_samples_the_gaussian(sampler):
             for module in net.modules():
                 if isinstance(module, torch.nn.Linear) and module.out_features in (1, 2):  # last layers → 0
                     module.weight.zero_(), module.bias.zero_()
-        chains = _Chains(sampler, 5, "cpu")
-        z = chains("prior", 0, net.energy, net.initial_latents(n, torch.Generator().manual_seed(4)), 60, h,
-                   net.prior)
+        z = Chains(sampler)("prior", 0, net.energy, net.initial_latents(n, torch.Generator().manual_seed(4)), 60, h,
+                            prior=net.prior, seed=5 * 1_000_003 * 8)
         target = torch.tensor([stationary_variance(1 / v, h) for v in variances])
         assert (z.mean(0).abs() < 4 * (target / n).sqrt()).all(), z.mean(0)
         assert ((z.var(0) - target).abs() < 4 * target * math.sqrt(2 / n)).all(), (z.var(0), target)
@@ -184,8 +184,8 @@ def test_train_prior_writes_the_run_directory(run):
     for name in names[3:]:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     config = json.loads((out / "config.json").read_text())["prior"]
-    assert config["model"] == model and config["settings"]["steps"] == 4
-    assert config["settings"]["posterior_steps"] == (3 if model != "lebm-vi" else 20)
+    assert config["model"] == model and config["steps"] == 4
+    assert config["posterior_steps"] == (3 if model != "lebm-vi" else None)  # lebm-vi has no posterior chain
     metrics = json.loads((out / "metrics.json").read_text())["prior_training"]
     assert [h["step"] for h in metrics["history"]] == [2, 4]
     assert 0 < metrics["chain_seconds"] <= metrics["train_seconds"] and 0 < metrics["chain_share"] <= 1
@@ -213,12 +213,11 @@ def test_resume_continues_from_the_saved_step(run, tmp_path):
 
 
 def test_non_finite_energy_names_the_chain_and_iteration():
-    chains = _Chains("library", 0, "cpu")
     bad = lambda z: z.sum(1) * float("nan")  # noqa: E731
-    with pytest.raises(fl.NonFiniteEnergyError, match="prior chain of training iteration 7"):
-        chains("prior", 7, bad, torch.zeros(3, 2), 2, 0.1, "normal")
+    with pytest.raises(fl.NonFiniteEnergyError, match="train-prior: the prior chain of training iteration 7"):
+        Chains("library", "cpu", "train-prior")("prior", 7, bad, torch.zeros(3, 2), 2, 0.1, seed=0)
     with pytest.raises(fl.NonFiniteEnergyError, match="posterior chain of training iteration 3 ended"):
-        _Chains("eager", 0, "cpu")("posterior", 3, bad, torch.zeros(3, 2), 2, 0.1, "normal")
+        Chains("eager")("posterior", 3, bad, torch.zeros(3, 2), 2, 0.1, seed=0)
 
 
 @pytest.mark.parametrize("call, match", [
@@ -240,12 +239,16 @@ def test_bad_input_is_named(call, match):
         call()
 
 
-def test_resume_without_a_run_and_flags_that_do_not_apply(tmp_path):
+def test_resume_without_a_run_and_flags_that_do_not_apply(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no prior_model.safetensors"):
         train_lebm("lebm", "digits", tmp_path, resume=True)
-    with pytest.raises(SystemExit, match="train-prior lebm: --gamma does not apply"):
-        commands._run_train_prior(commands.argparse.Namespace(command="train-prior", model="lebm", data="digits",
-                                                              out=str(tmp_path), gamma=1.0))
+    with pytest.raises(ValueError, match="train-prior lebm: gamma is not a setting of this command"):
+        train_lebm("lebm", "digits", tmp_path, gamma=1.0)
+    for flag in ("--gamma", "--init-from"):  # another trainer's option is not one of this command's
+        with pytest.raises(SystemExit):
+            commands.main(["train-prior", "lebm", "--data", "digits", "--out", str(tmp_path), flag, "1"])
+        assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_two_processes_under_torchrun(tmp_path):

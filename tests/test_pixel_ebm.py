@@ -11,7 +11,7 @@ from fastlangevin.metrics import frechet
 from fastlangevin.metrics.classifier import ClassifierConfig
 from fastlangevin.trainers import commands, load_checkpoint
 from fastlangevin.trainers.pixel_ebm import PixelEBM, ReplayBuffer, load_pixel_ebm, train_pixel_ebm
-from fastlangevin.trainers.tilt import EarlyStopping
+from fastlangevin.trainers.monitor import EarlyStopping
 
 TINY = dict(steps=4, batch_size=16, n_steps=3, buffer_size=200, energy_width=4, energy_depth=1, eval_every=2,
             n_eval=40, progress=False)

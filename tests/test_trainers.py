@@ -251,12 +251,13 @@ def test_tilt_stop_on_high_quality(tilted_run, tmp_path, monkeypatch):
 def test_langevin_transition_records_the_chain(tilted_run):
     """Snapshots at the requested steps; step 0 is G(z0); the segments add up to the last step's chain length."""
     from fastlangevin.trainers.base import load_base
+    from fastlangevin.trainers.chains import langevin_transition
     from fastlangevin.trainers.checkpoint import read_json
-    from fastlangevin.trainers.tilt import langevin_transition, load_energy
+    from fastlangevin.trainers.tilt import TiltedEnergy, load_energy
     base, config = load_base(tilted_run)
     energy, _ = load_energy(tilted_run, base.data_shape, config["tilt"])
     z0 = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
-    snaps = langevin_transition(base, energy, z0, [0, 2, 5], 0.01, seed=1)
+    snaps = langevin_transition(TiltedEnergy(energy, base), z0, [0, 2, 5], 0.01, base.generate, seed=1)
     assert [k for k, _ in snaps] == [0, 2, 5] and all(x.shape == (6, 2) for _, x in snaps)
     with torch.no_grad():
         torch.testing.assert_close(snaps[0][1], base.generate(z0))

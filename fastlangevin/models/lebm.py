@@ -93,10 +93,10 @@ class LatentEBM(nn.Module):
                              f"shape {tuple(z.shape)}, got {tuple(x.shape)}")
         return (x - self.generate(z)).pow(2).flatten(1).sum(1)
 
-    def posterior_energy(self, x: torch.Tensor):
-        """z ↦ ‖x − G(z)‖²/(2σ²) + E(z), (B,): the posterior chain's energy (its prior is ``self.prior``)."""
-        x = x.detach()
-        return lambda z: self.squared_error(x, z) / (2 * self.llhd_sigma ** 2) + self.energy(z)
+    def posterior_energy(self, x: torch.Tensor) -> "PosteriorEnergy":
+        """The posterior chain's energy for the batch x (its prior is ``self.prior``); a trainer keeps one
+        ``PosteriorEnergy`` for the whole run and refreshes its data instead."""
+        return PosteriorEnergy(self).refresh(x)
 
     def initial_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """Chain starts z₀ ~ N(0, I), (n, latent_dim), fresh every iteration (the references are non-persistent;
@@ -125,6 +125,33 @@ class LatentEBM(nn.Module):
         """Everything but the energies: generator, conditional prior, encoder."""
         ids = {id(p) for p in self.energy_parameters()}
         return [p for p in self.parameters() if id(p) not in ids]
+
+
+class PosteriorEnergy(nn.Module):
+    """z ↦ ‖x − G(z)‖²/(2σ²) + E(z), (B, latent_dim) → (B,): the posterior chain's energy of ``model`` (its prior
+    is ``model.prior``) for a batch x held as a buffer. A training run builds one and calls ``refresh(x)`` with
+    each batch: the data is copied in place (one buffer per batch size), so the energy handed to ``fl.langevin`` is
+    the same module every iteration and a captured CUDA graph reads the new batch."""
+
+    def __init__(self, model: "LatentEBM"):
+        super().__init__()
+        self.model = model
+
+    def refresh(self, x: torch.Tensor) -> "PosteriorEnergy":
+        """Hold x (B, C, H, W) (detached) as the data of the chains of B samples; returns self."""
+        name = f"data_{x.shape[0]}"
+        held = getattr(self, name, None)
+        if held is None or held.shape != x.shape or held.dtype != x.dtype or held.device != x.device:
+            self.register_buffer(name, torch.empty_like(x, memory_format=torch.contiguous_format), persistent=False)
+        getattr(self, name).copy_(x.detach())
+        return self
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = getattr(self, f"data_{z.shape[0]}", None)
+        if x is None:
+            raise ValueError(f"no data for chains of {z.shape[0]} samples: call refresh(x) with a batch of "
+                             f"{z.shape[0]} first")
+        return self.model.squared_error(x, z) / (2 * self.model.llhd_sigma ** 2) + self.model.energy(z)
 
 
 class VariationalLatentEBM(LatentEBM):

@@ -1,32 +1,29 @@
-"""Reference trainers built on the sampler API: backbones (``train_base``) and the latent EBM of the
-exponential-tilting paper on top of them (``train_tilt``, ``sample_run``, ``evaluate_run``). The commands are in
-``fastlangevin.trainers.commands``. Trainers call ``fl.langevin`` only, never the kernels.
+"""Reference trainers built on the sampler API: backbones (``train-base``), the latent EBM of the exponential-tilting
+paper on them (``tilt``), its pixel-space baseline (``train-pixel-ebm``), and generators learned with latent EBM
+priors (``train-prior``). Trainers call ``fl.langevin`` only, never the kernels.
 
-Names are imported on first use, so registering the commands on the CLI (``fastlangevin.trainers.commands``)
-imports neither the data sets (scikit-learn) nor the models.
+One loop (``loop.py``) runs every trainer; a trainer is a ``trainer.Trainer`` with a settings dataclass
+(``settings.py``), registered in ``registry.py``; ``commands.py`` builds the command line from the registry.
+Names are imported on first use (``fastlangevin.trainers.train_tilt`` imports ``trainers.tilt``), so building the
+command line imports neither the data sets (scikit-learn) nor plotting.
 """
 
 import importlib
+import importlib.util
 
-_WHERE = {
-    "train_base": "base", "load_base": "base", "default_model_config": "base",
-    "train_tilt": "tilt", "sample_run": "tilt", "evaluate_run": "tilt", "format_evaluation": "tilt",
-    "sample_tilted": "tilt", "load_energy": "tilt",
-    "make_energy": "energy_nets", "ConvEnergy": "energy_nets",
-    "sample_quality": "quality",
-    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "atomic_write_bytes": "checkpoint",
-    "write_json": "checkpoint", "read_json": "checkpoint",
-    "run_chain": "chains", "eager_langevin": "chains", "ChainTimer": "chains", "SAMPLERS": "chains",
-    "train_lebm": "lebm",
-    "train_hierarchical": "hierarchical",
-    "train_pixel_ebm": "pixel_ebm", "sample_pixel_run": "pixel_ebm", "evaluate_pixel_run": "pixel_ebm",
-    "format_pixel_evaluation": "pixel_ebm", "is_pixel_run": "pixel_ebm", "load_pixel_ebm": "pixel_ebm",
-}
-
-__all__ = sorted(_WHERE)
+# the modules whose public names ``fastlangevin.trainers.<name>`` finds, besides the trainers' own modules
+SHARED_MODULES = ("loop", "trainer", "settings", "checkpoint", "chains", "quality", "energy_nets", "shared", "monitor",
+                  "run_folder", "distributed", "registry")
 
 
 def __getattr__(name):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"fastlangevin.trainers.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'fastlangevin.trainers' has no attribute {name!r}")
+    if name.startswith("_"):
+        raise AttributeError(name)
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule
+        return importlib.import_module(f"{__name__}.{name}")
+    registry = importlib.import_module(f"{__name__}.registry")
+    for module in [f"{__name__}.{m}" for m in SHARED_MODULES] + list(registry.TRAINER_MODULES):
+        found = getattr(importlib.import_module(module), name, None)
+        if found is not None and getattr(found, "__module__", module) == module:
+            return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

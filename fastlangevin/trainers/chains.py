@@ -8,6 +8,7 @@ counter-based Philox stream from ``seed``, the eager loop ``torch.randn`` from a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -59,6 +60,48 @@ def run_chain(energy, z0: torch.Tensor, n_steps: int, step_size: float, *, prior
     if sampler == "eager":
         return eager_langevin(energy, z0, n_steps, step_size, prior, seed % SEED_RANGE, clip_grad)
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+
+class Chains:
+    """A training run's chains: ``run_chain`` with the run's ``sampler``; ``timed`` chains add to ``timer`` (the
+    training chains, not evaluation); a non-finite energy or result raises ``fl.NonFiniteEnergyError`` naming
+    ``command``, the chain and the training iteration."""
+
+    def __init__(self, sampler: str = "library", device: torch.device | str = "cpu", command: str = "train"):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        self.sampler, self.command, self.timer = sampler, command, ChainTimer(device)
+
+    def __call__(self, which: str, step: int, energy, z0: torch.Tensor, n_steps: int, step_size: float, *,
+                 prior="normal", seed: int, clip_grad: float | None = None, timed: bool = True) -> torch.Tensor:
+        """z_K of the ``which`` chain ("prior", "posterior", …) of training iteration ``step``."""
+        hint = "lower the learning rates or the chain's step size"
+        try:
+            with self.timer if timed else contextlib.nullcontext():
+                z = run_chain(energy, z0, n_steps, step_size, prior=prior, seed=seed, sampler=self.sampler,
+                              clip_grad=clip_grad)
+        except fl.NonFiniteEnergyError as error:
+            raise fl.NonFiniteEnergyError(f"{self.command}: the {which} chain of training iteration {step}: {error}; "
+                                          f"{hint}") from error
+        if not bool(torch.isfinite(z).all()):  # the eager loop does not check as it goes
+            raise fl.NonFiniteEnergyError(f"{self.command}: the {which} chain of training iteration {step} ended "
+                                          f"with non-finite latents; {hint}")
+        return z
+
+
+def langevin_transition(energy, z0: torch.Tensor, at_steps, step_size: float, decode, *, seed: int = 0,
+                        **chain) -> list[tuple[int, torch.Tensor]]:
+    """Chains from ``z0`` recorded at ``at_steps`` (increasing, e.g. 0, 10, 25, 50, 100): [(k, decode(z_k) on the
+    CPU)]. The chain runs in segments between the recorded steps, segment i with noise seed ``seed + 1 + i``;
+    ``chain``: ``run_chain``'s keywords (prior, clip_grad, sampler)."""
+    out, z, done = [], z0, 0
+    for i, k in enumerate(at_steps):
+        if k > done:
+            z = run_chain(energy, z, k - done, step_size, seed=seed + 1 + i, **chain)
+            done = k
+        with torch.no_grad():
+            out.append((k, decode(z).cpu()))
+    return out
 
 
 class ChainTimer:

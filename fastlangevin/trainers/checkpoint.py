@@ -12,12 +12,34 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save
 
 from fastlangevin._io import atomic_write_bytes
 
 META_KEY = "fastlangevin"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (truncated, not safetensors, or not fastlangevin's); names the file."""
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The checkpoint's metadata ``{"step", "extra", ...}`` without reading its tensors; FileNotFoundError or
+    CheckpointError naming the path."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+    except Exception as error:
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"{os.fspath(path)} is not a readable checkpoint ({error}); it was cut short or is not a "
+                           f"safetensors file: train again, or resume from an earlier copy")
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -55,6 +77,8 @@ def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module, optimizer:
                     step: int = 0, extra: dict | None = None) -> None:
     """Save ``module``'s state dict, ``optimizer``'s state, ``step`` (+ JSON-able ``extra``) and torch's CPU random
     state (so a resumed run draws the same noise as an uninterrupted one) atomically."""
+    from safetensors.torch import save
+
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     tensors["rng.torch_cpu"] = torch.get_rng_state()
     meta = {"step": int(step), "extra": extra or {}}
@@ -69,15 +93,21 @@ def load_checkpoint(path: str | os.PathLike, module: torch.nn.Module | None = No
                     restore_rng: bool = False) -> dict:
     """Load what ``save_checkpoint`` wrote into ``module`` / ``optimizer`` (either may be None) and, with
     ``restore_rng``, torch's CPU random state; returns the metadata ``{"step", "extra", ...}``.
-    Raises ``FileNotFoundError`` naming the path when it is missing."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    with safe_open(path, framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-    tensors = load_file(path, device=str(map_location))
+    Raises ``FileNotFoundError`` naming the path when it is missing, ``CheckpointError`` when it is unreadable or
+    holds another model."""
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(path, device=str(map_location))
+    except Exception as error:  # a file cut short after its header
+        raise _unreadable(path, error) from error
     if module is not None:
-        module.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        try:
+            module.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        except RuntimeError as error:  # missing keys, sizes: the checkpoint is another model's
+            raise CheckpointError(f"{os.fspath(path)} does not hold this {type(module).__name__}: "
+                                  f"{str(error).splitlines()[0]} (was the run folder's config changed?)") from error
     if optimizer is not None:
         if "optimizer" not in meta:
             raise ValueError(f"{path} holds no optimizer state; it cannot resume training")

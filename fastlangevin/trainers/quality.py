@@ -7,8 +7,6 @@ import os
 import torch
 
 from fastlangevin.metrics import default_bandwidths, energy_distance, mmd2, mode_coverage
-from fastlangevin.metrics.frechet import frechet_classifier_distance
-from fastlangevin.metrics.inception import InceptionUnavailable, inception_fid
 
 
 def sample_quality(samples: torch.Tensor, reference, bandwidths: list[float] | None = None,
@@ -23,6 +21,9 @@ def sample_quality(samples: torch.Tensor, reference, bandwidths: list[float] | N
     seed=data_seed)`` once and cached; ``frechet_features`` names it) and, with ``inception``, the standard
     ``inception_fid`` where a backend runs offline, else ``inception_fid_skipped`` with the reason.
     """
+    from fastlangevin.metrics.frechet import frechet_classifier_distance
+    from fastlangevin.metrics.inception import InceptionUnavailable, inception_fid
+
     x_ref = reference.tensors()[0]
     samples = samples.detach().cpu().float()
     if bandwidths is None:
@@ -89,3 +90,14 @@ def plot_panels(panels: list[tuple[str, torch.Tensor]], path: str | os.PathLike,
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return os.fspath(path)
+
+
+def plot_transition(snapshots: list[tuple[int, torch.Tensor]], path: str | os.PathLike, what: str,
+                    reference=None) -> str | None:
+    """The Langevin-transition figure of ``snapshots`` [(step k, samples at k)]: for images one grid, a chain per
+    row and a recorded step per column (titled "``what`` at steps …"); for 2-D points a scatter per step."""
+    steps = [k for k, _ in snapshots]
+    if snapshots[0][1].dim() == 4:
+        grid = torch.stack([x for _, x in snapshots], 1).flatten(0, 1)
+        return plot_panels([(f"{what} at steps {', '.join(map(str, steps))}", grid)], path, n_cols=len(steps))
+    return plot_panels([(f"step {k}", x) for k, x in snapshots], path, reference)
