@@ -1,8 +1,8 @@
 """Builds fastlangevin's compiled backends with CMake: ``fastlangevin._C`` (CPU) and ``fastlangevin._C_cuda``.
 
 Metadata lives in pyproject.toml; this file only drives CMake (one configure and one parallel build for both modules).
-Needs setuptools, pybind11, cmake (the binary or the ``cmake`` pip package) and a C++17 compiler; nvcc for CUDA.
-Nothing depends on torch at build time.
+Needs setuptools >= 77, pybind11, cmake (the binary or the ``cmake`` pip package) and a C++17 compiler; nvcc for CUDA
+(pyproject.toml's ``[build-system]``). Nothing depends on torch at build time. The sdist's contents: MANIFEST.in.
 
 Environment switches:
   FASTLANGEVIN_NO_CUDA=1      skip the CUDA backend even where nvcc exists
@@ -25,13 +25,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import setuptools
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
-from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).resolve().parent
-VERSION = "0.1.0"
+MIN_SETUPTOOLS = (77, 0)  # as pyproject.toml's [build-system]; a build without isolation does not check it
+
+if tuple(int(p) for p in setuptools.__version__.split(".")[:2] if p.isdigit()) < MIN_SETUPTOOLS:
+    sys.exit(f"fastlangevin: building needs setuptools >= {'.'.join(map(str, MIN_SETUPTOOLS))} (found "
+             f"{setuptools.__version__}): pip install 'setuptools>=77' pybind11 cmake ninja, then retry")
 
 
 def _env_flag(name: str) -> bool:
@@ -131,7 +135,6 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY_{build_type.upper()}={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DFASTLANGEVIN_VERSION={VERSION}",
             f"-DFASTLANGEVIN_NATIVE={'OFF' if _env_flag('FASTLANGEVIN_NO_NATIVE') else 'ON'}",
             f"-DFASTLANGEVIN_VEC_REPORT={'ON' if _env_flag('FASTLANGEVIN_VEC_REPORT') else 'OFF'}",
             f"-DFASTLANGEVIN_CUDA={'ON' if nvcc else 'OFF'}",
@@ -179,17 +182,6 @@ class CMakeBuild(build_ext):
                 raise RuntimeError(f"fastlangevin: CMake did not produce {self.get_ext_fullpath(ext.name)}")
 
 
-class SDist(sdist):
-    """Also ships the C++/CUDA sources and CMakeLists.txt (not Python package files, so not included by default)."""
-
-    def make_distribution(self) -> None:
-        self.filelist.append("CMakeLists.txt")
-        for path in sorted((ROOT / "csrc").rglob("*")):
-            if path.is_file() and path.suffix in (".h", ".cuh", ".cpp", ".cu", ".txt", ".md"):
-                self.filelist.append(path.relative_to(ROOT).as_posix())
-        super().make_distribution()
-
-
 class BuildPy(build_py):
     """Also puts the kernel sources that the NVRTC route compiles at run time (fastlangevin/ops/nvrtc.py) into the
     package, as fastlangevin/_csrc/{include/fastlangevin/*, cuda/langevin_step_nvrtc.cu}: an installed package has no
@@ -211,4 +203,4 @@ ext_modules = [CMakeExtension("fastlangevin._C")]
 if _find_nvcc():
     ext_modules.append(CMakeExtension("fastlangevin._C_cuda", optional=True))
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy, "sdist": SDist})
+setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy})

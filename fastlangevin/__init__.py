@@ -7,12 +7,11 @@ Importing is light: compiled extensions, Triton and optional packages load on fi
 """
 
 from fastlangevin import ops
+from fastlangevin._version import __version__
 from fastlangevin.backends import BackendUnavailableError, backend_info
 from fastlangevin.energies import GaussianMixtureEnergy, MLPEnergy
 from fastlangevin.priors import CallablePrior, DiagonalNormalPrior, FlatPrior, NormalPrior, Prior
 from fastlangevin.sampler import LangevinInfo, LangevinSampler, NonFiniteEnergyError, langevin
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError", "CallablePrior", "DiagonalNormalPrior", "FlatPrior", "GaussianMixtureEnergy",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -55,10 +56,23 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# tl.add / tl.mul with sanitize_overflow (the Philox rounds) are public from Triton 3.6 (torch >= 2.10 brings it).
+MIN_TRITON = (3, 6)
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> str | None:
+    """None when a recent enough Triton is installed, else why not (read from its metadata: nothing is imported)."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed (pip install triton; Linux x86_64 only)"
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None  # a differently named build (e.g. pytorch-triton): assume it is recent
+    release = tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+    if release < MIN_TRITON:
+        return (f"Triton {version} is too old: the kernels need >= {'.'.join(map(str, MIN_TRITON))} "
+                f"(pip install 'triton>=3.6'; torch's CUDA builds bring it from torch 2.10)")
     return None
 
 

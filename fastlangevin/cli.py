@@ -1,16 +1,37 @@
-"""The ``fastlangevin`` command: ``demo``, ``info``, ``bench``, and the trainers' ``train-base``, ``tilt``,
-``sample``, ``evaluate``."""
+"""The ``fastlangevin`` command (also ``python -m fastlangevin``): ``demo``, ``info``, ``bench``, and the trainers'
+``train-base``, ``tilt``, ``sample``, ``evaluate``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from fastlangevin._version import __version__
 from fastlangevin.trainers import commands as trainer_commands
+
+# Import names of the optional packages that the commands need (``fl.langevin`` needs none of them): the `train`
+# extra of pyproject.toml installs them all, the `bench` extra numpy and matplotlib (tests/test_packaging.py checks).
+OPTIONAL_MODULES = ("numpy", "sklearn", "matplotlib", "safetensors", "tqdm")
 
 
 def main(argv=None) -> int:
+    """Runs the command; a missing optional package is one line on stderr naming the extra to install (exit 2)."""
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as error:
+        missing = (error.name or "").split(".")[0]
+        if missing not in OPTIONAL_MODULES:
+            raise
+        command = (sys.argv[1:] if argv is None else list(argv))[:1]
+        extra = "bench" if command == ["bench"] else "train"
+        print(f"fastlangevin: this command needs {missing!r}, which is not installed: "
+              f"pip install \"fastlangevin[{extra}]\"", file=sys.stderr)
+        return 2
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="fastlangevin", description="Fast Langevin sampling for latent EBMs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     trainer_commands.add_commands(sub)
 

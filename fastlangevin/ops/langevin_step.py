@@ -72,6 +72,7 @@ def _register_triton_op() -> None:
     if "triton" in COMPILED_OPS:
         return
     from fastlangevin.ops.triton.langevin_step import langevin_step_triton as launch
+    from fastlangevin.ops.triton.utils import wrap_triton
 
     @torch.library.triton_op("fastlangevin::langevin_step_triton", mutates_args=())
     def langevin_step_triton(z: torch.Tensor, grad: torch.Tensor, rng_state: torch.Tensor, step_size: float,
@@ -79,7 +80,7 @@ def _register_triton_op() -> None:
                              prior_inv_var: Optional[torch.Tensor]) -> torch.Tensor:
         out = torch.empty_like(z)
         launch(z, grad, out, rng_state, step_size, noise_scale, prior_kind, prior_mean, prior_inv_var,
-               wrap=torch.library.wrap_triton)
+               wrap=wrap_triton)
         return out
 
     _register_formulas(langevin_step_triton)

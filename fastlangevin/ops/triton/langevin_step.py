@@ -9,13 +9,14 @@ Each program owns ``BLOCK`` Philox blocks = ``4·BLOCK`` consecutive elements: i
 once and interleaves them into stream order. float16/bfloat16/float32 are computed in float32, float64 in float64.
 The kernel reads ``rng_state`` and does not advance it: advancing the counter is the caller's job.
 
-Registering with ``torch.library`` (the launcher is written for it)::
+Registering with ``torch.library`` (the launcher is written for it; ``wrap_triton`` from ``utils`` is
+``torch.library.wrap_triton`` that also accepts the interpreter's kernels on torch < 2.13)::
 
     @torch.library.triton_op("fastlangevin::langevin_step", mutates_args={"out"})
     def _(z, grad, out, rng_state, step_size: float, noise_scale: float, prior_kind: int,
           prior_mean: Optional[Tensor], prior_inv_var: Optional[Tensor]) -> None:
         langevin_step_triton(z, grad, out, rng_state, step_size, noise_scale, prior_kind, prior_mean,
-                             prior_inv_var, wrap=torch.library.wrap_triton)
+                             prior_inv_var, wrap=wrap_triton)
 
     @_.register_fake
     def _(*args): return None   # out is mutated in place; nothing to allocate
@@ -166,7 +167,7 @@ def langevin_step_triton(z: torch.Tensor, grad: torch.Tensor, out: torch.Tensor,
     ``rng_state``: int64 ``[seed, counter]`` on that device, read by the kernel, not advanced; ``prior_kind``: 0 flat,
     1 N(0, I), 2 diagonal with ``prior_mean``/``prior_inv_var`` 1-D of length ``z[0].numel()`` in the compute dtype
     (float64 for float64, else float32); for other kinds they are ignored and may be None. ``wrap``: applied to the
-    kernel before launching (``torch.library.wrap_triton`` inside a ``triton_op``).
+    kernel before launching (``utils.wrap_triton`` inside a ``triton_op``).
     """
     for name, t in (("grad", grad), ("out", out)):
         if t.shape != z.shape or t.dtype != z.dtype or t.device != z.device:

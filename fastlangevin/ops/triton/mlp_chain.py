@@ -41,7 +41,7 @@ from fastlangevin.ops.langevin_step_reference import PRIOR_DIAGONAL
 from fastlangevin.ops.mlp_chain import ACTIVATIONS
 from fastlangevin.ops.triton.langevin_step import _check_rng_state, check_prior_args
 from fastlangevin.ops.triton.philox import _box_muller, philox_block, split_u64
-from fastlangevin.ops.triton.utils import scalar_as
+from fastlangevin.ops.triton.utils import loop_bound, scalar_as
 
 ULA, MALA = 0, 1
 MAX_LAYERS = 4
@@ -503,7 +503,7 @@ def mlp_chain_triton(z: torch.Tensor, weights: Sequence[torch.Tensor], biases: O
     wrap(mlp_chain_kernel)[settings.grid](
         z, packed_w, packed_b, mean, inv_var, rng_state, energies,
         grad_norms if grad_norms is not None else energies, accepted if accepted is not None else rng_state,
-        scratch, batch, n_features, n_steps, float(step_size) / 2, float(noise_scale), 2 * float(step_size),
+        scratch, batch, n_features, loop_bound(mlp_chain_kernel, n_steps), float(step_size) / 2, float(noise_scale), 2 * float(step_size),
         float(clip_grad), float(activation_param), float(output_sign),
         NUM_LAYERS=len(weights), ACT=int(activation), PRIOR_KIND=int(prior_kind), NOISE=noise_scale != 0.0,
         CLIP=clip_grad > 0, METHOD=int(method), STORE_NORMS=grad_norms is not None,
