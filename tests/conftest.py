@@ -13,21 +13,29 @@ from fastlangevin import _ext
 from tests.lanes import HAS_CUDA
 
 
+def _installed_packages() -> list[Path]:
+    """The package folder of each installed fastlangevin distribution (an editable one: its source tree's)."""
+    folders = []
+    for dist in metadata.distributions(name="fastlangevin"):
+        url = json.loads(dist.read_text("direct_url.json") or "{}")
+        if url.get("dir_info", {}).get("editable"):
+            folders.append(Path(url["url"].removeprefix("file://")) / "fastlangevin")
+        else:
+            folders.append(Path(dist.locate_file("fastlangevin")))
+    return [folder.resolve() for folder in folders]
+
+
 def _shadowed_install() -> str | None:
-    """Where the installed (not editable) fastlangevin lives when the tests imported another copy without its compiled
-    extension instead: ``python -m pytest`` in a checkout puts ./fastlangevin first on sys.path. Else None."""
-    try:
-        dist = metadata.distribution("fastlangevin")
-    except metadata.PackageNotFoundError:
+    """Where an installed fastlangevin with its compiled extension lives when the tests imported another copy without
+    it instead (``python -m pytest`` in a checkout or an unpacked sdist puts ./fastlangevin first on sys.path), else
+    None."""
+    if not (_ext.cpu_reason() or "").startswith("not built"):
         return None
-    direct_url = json.loads(dist.read_text("direct_url.json") or "{}")
-    if direct_url.get("dir_info", {}).get("editable"):
-        return None  # an editable install imports its source tree, wherever that is
-    installed = Path(dist.locate_file("fastlangevin")).resolve()
     imported = Path(fastlangevin.__file__).resolve().parent
-    if installed == imported or not installed.is_dir() or not (_ext.cpu_reason() or "").startswith("not built"):
-        return None
-    return str(installed)
+    for package in _installed_packages():
+        if package != imported and any(package.glob("_C.*")):
+            return str(package)
+    return None
 
 
 def pytest_configure(config):

@@ -42,16 +42,15 @@ def _requirement_names(requirements: list[str]) -> set[str]:
 
 def _installed_distribution():
     """The installed distribution the tests imported (editable or not), or None (e.g. PYTHONPATH points elsewhere)."""
-    try:
-        dist = metadata.distribution("fastlangevin")
-    except metadata.PackageNotFoundError:
-        return None
     package = Path(fastlangevin.__file__).resolve().parent
-    url = json.loads(dist.read_text("direct_url.json") or "{}")
-    if url.get("dir_info", {}).get("editable"):
-        source = Path(url["url"].removeprefix("file://")).resolve()
-        return dist if package == source / "fastlangevin" else None
-    return dist if Path(dist.locate_file("fastlangevin")).resolve() == package else None
+    for dist in metadata.distributions(name="fastlangevin"):
+        url = json.loads(dist.read_text("direct_url.json") or "{}")
+        if url.get("dir_info", {}).get("editable"):
+            if Path(url["url"].removeprefix("file://")).resolve() / "fastlangevin" == package:
+                return dist
+        elif dist.read_text("RECORD") and Path(dist.locate_file("fastlangevin")).resolve() == package:
+            return dist  # installed (a source tree's egg-info, found when it is on sys.path, has no RECORD)
+    return None
 
 
 def _run(*args, env=None, cwd=None):
@@ -209,3 +208,20 @@ def test_a_triton_older_than_the_kernels_need_is_reported(monkeypatch):
         monkeypatch.undo()
         backends._triton_importable.cache_clear()
     assert backends._triton_importable() is None
+
+
+def test_python_m_pytest_refuses_a_source_tree_without_the_extension(tmp_path):
+    """`python -m pytest` in a checkout puts ./fastlangevin first on sys.path: without its compiled extension the CPU
+    lanes would skip quietly, so the tests stop with a message naming the installed copy instead."""
+    if _installed_distribution() is None or _ext.cpu_reason() is not None:
+        pytest.skip("needs the tests to import an installed fastlangevin with its compiled extension")
+    package = Path(fastlangevin.__file__).resolve().parent
+    shutil.copytree(package, tmp_path / "fastlangevin", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    (tmp_path / "tests").mkdir()
+    for helper in ("__init__.py", "conftest.py", "lanes.py"):
+        shutil.copy(Path(__file__).parent / helper, tmp_path / "tests" / helper)
+    (tmp_path / "tests" / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
+    result = _run("-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", "tests", cwd=tmp_path)
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert f"imported fastlangevin from {tmp_path / 'fastlangevin'}, a source tree without the compiled extension" \
+        in result.stderr, result.stderr
