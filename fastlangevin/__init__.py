@@ -9,12 +9,12 @@ Importing is light: compiled extensions, Triton and optional packages load on fi
 from fastlangevin import ops
 from fastlangevin._version import __version__
 from fastlangevin.backends import BackendUnavailableError, backend_info
-from fastlangevin.energies import GaussianMixtureEnergy, MLPEnergy
+from fastlangevin.energies import MLP, GaussianMixtureEnergy, GaussianPosteriorEnergy, MLPEnergy
 from fastlangevin.priors import CallablePrior, DiagonalNormalPrior, FlatPrior, NormalPrior, Prior
 from fastlangevin.sampler import LangevinInfo, LangevinSampler, NonFiniteEnergyError, langevin
 
 __all__ = [
     "BackendUnavailableError", "CallablePrior", "DiagonalNormalPrior", "FlatPrior", "GaussianMixtureEnergy",
-    "LangevinInfo", "MLPEnergy",
+    "GaussianPosteriorEnergy", "LangevinInfo", "MLP", "MLPEnergy",
     "LangevinSampler", "NonFiniteEnergyError", "NormalPrior", "Prior", "backend_info", "langevin", "ops",
 ]

@@ -164,6 +164,21 @@ def _choose(requested: str, device_type: str, dtype: torch.dtype) -> str:
     raise AssertionError("the reference backend is always available")  # pragma: no cover
 
 
+def fused_chain_backend(step_backend: str) -> tuple[str | None, str]:
+    """The fused whole-chain backend that goes with a resolved step backend, or ``(None, why not)``: the C++ chain
+    beside the C++ step op, the Triton chain on GPUs (and under the interpreter)."""
+    if step_backend == "reference":
+        return None, "backend 'reference' runs the plain autograd chain"
+    if step_backend == "cuda":
+        status = backend_status("triton", "cuda")
+        if status.available:
+            return "triton", "the fused chain is a Triton kernel on GPUs"
+        return None, f"the fused chain on GPUs needs Triton: {status.reason}"
+    if step_backend == "cpu" and not hasattr(_ext.require_cpu(), "mlp_chain"):
+        return None, "the C++ extension was built without the fused chain (rebuild: pip install -e .)"
+    return step_backend, "fused"
+
+
 def note_fallback(what: str, used: str, why: str) -> None:
     """Record (and log once) that ``what`` runs on ``used`` instead of the preferred path, and ``why``."""
     key = (what, used, why)
@@ -181,6 +196,7 @@ class BackendInfo:
     auto: dict[str, str]
     fallbacks: list[str]
     extension: dict
+    fused_chain: dict[str, str] = dataclasses.field(default_factory=dict)  # device type -> fused chain, or why none
 
     def __str__(self) -> str:
         lines = ["fastlangevin backends"]
@@ -188,6 +204,8 @@ class BackendInfo:
             lines.append(f"  {device_type} tensors (auto -> {self.auto.get(device_type, 'n/a')}):")
             for s in statuses.values():
                 lines.append(f"    {s.name:<10} {'yes' if s.available else 'no ':<4} {s.reason}")
+            if device_type in self.fused_chain:
+                lines.append(f"    fused MLP chain: {self.fused_chain[device_type]}")
         if self.fallbacks:
             lines.append("  fallbacks taken:")
             lines.extend(f"    {f}" for f in self.fallbacks)
@@ -196,9 +214,11 @@ class BackendInfo:
 
 def backend_info() -> BackendInfo:
     """Which backends are built and available for CPU and CUDA tensors, what ``"auto"`` picks, and why."""
-    backends, auto = {}, {}
+    backends, auto, fused = {}, {}, {}
     for device_type in ("cpu", "cuda"):
         backends[device_type] = {name: backend_status(name, device_type) for name in BACKENDS}
         if device_type == "cpu" or torch.cuda.is_available():
             auto[device_type] = next(b for b in AUTO_ORDER[device_type] if backends[device_type][b].available)
-    return BackendInfo(backends, auto, list(_fallbacks.values()), _ext.build_info())
+            chain, why = fused_chain_backend(auto[device_type])
+            fused[device_type] = f"{chain}:fused" if chain else f"none ({why})"
+    return BackendInfo(backends, auto, list(_fallbacks.values()), _ext.build_info(), fused)

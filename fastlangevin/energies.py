@@ -1,12 +1,364 @@
-"""Energies with known answers, for demos and tests. Convention: E low = likely, ``forward(z)`` → (B,)."""
+"""Energies and the networks they are built from. Convention: E low = likely, ``forward(z)`` → (B,).
+
+* ``MLP``: a fully connected network with one activation per layer (identity = none), e.g. a decoder;
+  ``MLPEnergy``: an MLP D → 1 read as an energy. ``fl.langevin`` runs a chain of an ``MLPEnergy`` as one fused
+  kernel; a composition E(G(z)) of MLPs is one deeper ``MLPEnergy`` (``MLPEnergy.from_sequential``).
+* ``GaussianPosteriorEnergy``: E(z) + ‖x − G(z)‖²/(2σ²) with the data x a buffer refreshed in place, the
+  posterior of a latent-variable model with a Gaussian likelihood; fused when E and G are MLPs.
+* ``GaussianMixtureEnergy``: a target with known answers, for demos and tests.
+
+``ACTIVATIONS`` is the one table of activations on the module side: name → kernel code (``ops.codes``), the torch
+module, and how to read the parameter back from a module.
+"""
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from fastlangevin.ops.mlp_chain import ACTIVATIONS
+from fastlangevin.ops import codes
+from fastlangevin.ops.mlp_chain import MLPNetwork
+
+
+class Activation(NamedTuple):
+    """One activation: its kernel code, its torch module, and how to build one and read one back."""
+
+    code: int
+    module_type: type
+    build: Callable[[float], nn.Module]  # parameter → module
+    read: Callable[[nn.Module], float | None]  # module → parameter; None: another entry describes this module
+    default_param: float = 0.0
+
+
+def _softplus_param(module: nn.Softplus) -> float:
+    if module.beta != 1 or module.threshold != 20:
+        raise ValueError(f"Softplus with beta={module.beta}, threshold={module.threshold}: the fused kernels support "
+                         f"beta=1, threshold=20")
+    return 0.0
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": Activation(codes.RELU, nn.ReLU, lambda p: nn.ReLU(), lambda m: 0.0),
+    "leaky_relu": Activation(codes.LEAKY_RELU, nn.LeakyReLU, nn.LeakyReLU, lambda m: float(m.negative_slope), 0.2),
+    "silu": Activation(codes.SILU, nn.SiLU, lambda p: nn.SiLU(), lambda m: 0.0),
+    "gelu": Activation(codes.GELU, nn.GELU, lambda p: nn.GELU(),
+                       lambda m: 0.0 if m.approximate == "none" else None),
+    "gelu_tanh": Activation(codes.GELU_TANH, nn.GELU, lambda p: nn.GELU(approximate="tanh"),
+                            lambda m: 0.0 if m.approximate == "tanh" else None),
+    "elu": Activation(codes.ELU, nn.ELU, nn.ELU, lambda m: float(m.alpha), 1.0),
+    "softplus": Activation(codes.SOFTPLUS, nn.Softplus, lambda p: nn.Softplus(), _softplus_param),
+    "tanh": Activation(codes.TANH, nn.Tanh, lambda p: nn.Tanh(), lambda m: 0.0),
+    "identity": Activation(codes.IDENTITY, nn.Identity, lambda p: nn.Identity(), lambda m: 0.0),
+    "sigmoid": Activation(codes.SIGMOID, nn.Sigmoid, lambda p: nn.Sigmoid(), lambda m: 0.0),
+}
+ALIASES = {"swish": "silu", "lrelu": "leaky_relu", "linear": "identity", "none": "identity"}
+
+
+def activation_of(module: nn.Module) -> tuple[str, float]:
+    """(name, parameter) of a supported activation module; ``ValueError`` saying why for any other module."""
+    for name, entry in ACTIVATIONS.items():
+        if type(module) is entry.module_type:
+            param = entry.read(module)
+            if param is not None:
+                return name, param
+    supported = sorted({e.module_type.__name__ for e in ACTIVATIONS.values()})
+    raise ValueError(f"{type(module).__name__} is not supported by the fused kernels; supported activations: "
+                     f"{', '.join(supported)}")
+
+
+def _parse_activation(spec, where: str) -> tuple[str, float]:
+    """A name, a (name, parameter) pair or a supported module → (name, parameter)."""
+    if isinstance(spec, nn.Module):
+        return activation_of(spec)
+    name, param = spec if isinstance(spec, tuple) and len(spec) == 2 else (spec, None)
+    name = ALIASES.get(name, name)
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{where}: unknown activation {spec!r}; choose one of {sorted(ACTIVATIONS)}, a (name, "
+                         f"parameter) pair or one of their nn modules")
+    return name, float(ACTIVATIONS[name].default_param if param is None else param)
+
+
+def _check_dims(dims) -> tuple[int, ...]:
+    dims = tuple(int(d) for d in dims)
+    if len(dims) < 2 or any(d < 1 for d in dims):
+        raise ValueError(f"dims must be (d_0, ..., d_L) with L >= 1 layers and positive sizes, got {dims}")
+    return dims
+
+
+def _kernel_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight the layer's forward uses, detached, without side effects: a parametrised weight (e.g.
+    ``spectral_norm``) is evaluated with its parametrisations in eval mode, so no power iteration runs."""
+    if not parametrize.is_parametrized(linear, "weight"):
+        return linear.weight.detach()
+    steps = list(linear.parametrizations.weight)
+    modes = [p.training for p in steps]
+    try:
+        for p in steps:
+            p.train(False)
+        with torch.no_grad():
+            return linear.weight.detach()
+    finally:
+        for p, mode in zip(steps, modes):
+            p.train(mode)
+
+
+class MLP(nn.Module):
+    """A fully connected network ``dims[0] → … → dims[-1]`` with one activation after every layer.
+
+    activation: the hidden layers' activation — a name of ``ACTIVATIONS`` ("leaky_relu", "gelu", "identity", …),
+        a ``(name, parameter)`` pair, a supported module (``nn.LeakyReLU(0.1)``), or a list of these, one per hidden
+        layer (``len(dims) − 2``). "identity" is a linear layer (a bottleneck); leaky ReLU's slope defaults to 0.2.
+    output_activation: after the last layer; "identity" (default) for none, e.g. "sigmoid" for means in (0, 1).
+    ``forward(x)``: x (B, *shape) with ``prod(shape) == dims[0]`` → (B, dims[-1]).
+    ``activations``/``activation_params``: the per-layer names and parameters (the output activation last).
+    """
+
+    def __init__(self, dims, activation="leaky_relu", output_activation="identity", *, bias: bool = True):
+        super().__init__()
+        dims = _check_dims(dims)
+        hidden = activation if isinstance(activation, list) else [activation] * (len(dims) - 2)
+        if len(hidden) != len(dims) - 2:
+            raise ValueError(f"activation: a list needs one entry per hidden layer ({len(dims) - 2} for dims {dims}), "
+                             f"got {len(hidden)}")
+        specs = [_parse_activation(a, f"activation[{i}]") for i, a in enumerate(hidden)]
+        specs.append(_parse_activation(output_activation, "output_activation"))
+        self._setup(dims, specs, [nn.Linear(i, o, bias=bias) for i, o in zip(dims[:-1], dims[1:])])
+
+    def _setup(self, dims, specs, linears) -> None:
+        self.dims = tuple(dims)
+        self.activations = tuple(name for name, _ in specs)
+        self.activation_params = tuple(param for _, param in specs)
+        self.layers = nn.ModuleList(linears)
+        # parameter-free modules: the state dict holds the layers only
+        self.acts = nn.ModuleList(ACTIVATIONS[name].build(param) for name, param in specs)
+
+    @classmethod
+    def _from_parts(cls, dims, specs, linears, **attributes):
+        network = cls.__new__(cls)
+        nn.Module.__init__(network)
+        network._setup(dims, specs, linears)
+        for name, value in attributes.items():
+            setattr(network, name, value)
+        return network
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(x.shape[0], -1)
+        if h.shape[1] != self.dims[0]:
+            raise ValueError(f"{type(self).__name__} expects inputs with {self.dims[0]} features, got shape "
+                             f"{tuple(x.shape)}")
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._check_input(x)
+        for layer, act in zip(self.layers, self.acts):
+            h = act(layer(h))
+        return h
+
+    def kernel_network(self, dtype: torch.dtype, device) -> MLPNetwork:
+        """The network as the fused kernels take it: detached weights (and biases, zeros for a layer without one)
+        in ``dtype`` on ``device``, activation codes and parameters."""
+        weights = [_kernel_weight(layer).to(device=device, dtype=dtype).contiguous() for layer in self.layers]
+        biases = []
+        if any(layer.bias is not None for layer in self.layers):
+            biases = [torch.zeros(layer.out_features, dtype=dtype, device=device) if layer.bias is None else
+                      layer.bias.detach().to(device=device, dtype=dtype).contiguous() for layer in self.layers]
+        return MLPNetwork(weights, biases, [codes.ACTIVATIONS[name] for name in self.activations],
+                          list(self.activation_params))
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Module) -> "MLP":
+        """Adopt an ``nn.Sequential`` of ``nn.Linear`` layers and supported activations, sharing its layers (no
+        copy: training ``seq`` trains the adopted network, and frozen layers stay frozen).
+
+        Nested ``nn.Sequential``s are flattened and ``nn.Identity``/``nn.Flatten`` skipped; two Linear layers in a
+        row have the identity between them, so ``nn.Sequential(decoder, energy_net)`` is one network. A
+        parametrised weight (``spectral_norm``) is read as its forward computes it. Raises ``ValueError`` naming
+        a layer it cannot adopt and why.
+        """
+        dims, specs, linears = _parse_sequential(seq)
+        return cls._from_parts(dims, specs, linears)
+
+    def extra_repr(self) -> str:
+        acts = ", ".join(n if n not in ("leaky_relu", "elu") else f"{n}({p:g})"
+                         for n, p in zip(self.activations, self.activation_params))
+        return f"dims={self.dims}, activations=({acts})"
+
+
+def _modules_in_order(module: nn.Module, prefix: str = ""):
+    """(path, module) of the layers of a Sequential, nested ones flattened, Identity and Flatten skipped."""
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, nn.Sequential):
+            yield from _modules_in_order(child, path + ".")
+        elif not isinstance(child, (nn.Identity, nn.Flatten)):
+            yield path, child
+
+
+def _parse_sequential(seq: nn.Module):
+    """(dims, [(activation, parameter)] per layer, [nn.Linear]) of a Sequential of Linear layers and activations."""
+    if not isinstance(seq, nn.Sequential):
+        raise ValueError(f"from_sequential takes an nn.Sequential, got {type(seq).__name__}")
+    linears, specs, pending = [], [], None  # pending: the activation of the last Linear, once seen
+    for path, module in _modules_in_order(seq):
+        where = f"layer {path} ({type(module).__name__})"
+        if isinstance(module, nn.Linear):
+            if linears and module.in_features != linears[-1].out_features:
+                raise ValueError(f"{where}: takes {module.in_features} features but the layer before gives "
+                                 f"{linears[-1].out_features}")
+            if linears:
+                specs.append(pending or ("identity", 0.0))
+            linears.append(module)
+            pending = None
+            continue
+        try:
+            spec = activation_of(module)
+        except ValueError as error:
+            raise ValueError(f"{where} cannot be fused: only nn.Linear layers and activations can ({error})") from None
+        if not linears or pending is not None:
+            raise ValueError(f"{where}: an activation must follow an nn.Linear (the fused kernels apply one "
+                             f"activation per layer)")
+        pending = spec
+    if not linears:
+        raise ValueError("the Sequential holds no nn.Linear layer")
+    specs.append(pending or ("identity", 0.0))
+    dims = [linears[0].in_features] + [m.out_features for m in linears]
+    return dims, specs, linears
+
+
+class MLPEnergy(MLP):
+    """An MLP energy on flattened latents: ``dims = (D, H1, …, Hn, 1)``, an activation after each hidden layer.
+
+    ``forward(z)``: z (B, *latent_shape) with ``prod(latent_shape) == D`` → (B,) energies ``output_sign · net(z)``.
+    ``activation``, as ``MLP``'s: one for every hidden layer or a list, one per hidden layer ("identity" for a
+    linear bottleneck); ``activation_param`` sets the parameter of a single named one (leaky ReLU's slope, default
+    0.2; ELU's alpha). ``output_sign=-1`` adopts a network that outputs f = −E (the joint-EBM paper's convention).
+    ``fl.langevin`` runs a chain of this energy as one fused kernel (weights loaded once, z kept on chip); its
+    forward is ordinary autograd-compatible PyTorch, so the energy trains as usual.
+    """
+
+    def __init__(self, dims, activation="leaky_relu", activation_param: float | None = None, bias: bool = True,
+                 output_sign: float = 1.0):
+        dims = tuple(int(d) for d in dims)
+        if len(dims) < 2 or dims[-1] != 1 or any(d < 1 for d in dims):
+            raise ValueError(f"dims must be (D, H1, ..., 1) with positive sizes and a last size of 1, got {dims}")
+        if activation_param is not None:
+            if not isinstance(activation, str):
+                raise ValueError("activation_param goes with a single activation name; pass (name, parameter) "
+                                 "pairs in a list instead")
+            activation = (activation, activation_param)
+        super().__init__(dims, activation, "identity", bias=bias)
+        self.output_sign = _check_sign(output_sign)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.output_sign * super().forward(z).squeeze(1)
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Module, output_sign: float = 1.0) -> "MLPEnergy":
+        """Adopt ``Linear → act → … → Linear(·, 1)`` as ``MLP.from_sequential`` does (shared layers, nested
+        Sequentials flattened, two Linears in a row = identity between them), e.g.
+        ``MLPEnergy.from_sequential(nn.Sequential(vae.decoder, energy_net))`` for E(G(z)). The last layer must be
+        ``nn.Linear(·, 1)`` with no activation after it."""
+        dims, specs, linears = _parse_sequential(seq)
+        if dims[-1] != 1:
+            raise ValueError(f"an energy's last nn.Linear must have one output, got {dims[-1]} (dims {tuple(dims)})")
+        if specs[-1][0] != "identity":
+            raise ValueError(f"the Sequential must end with nn.Linear(·, 1) (its output is the energy); it ends with "
+                             f"an activation ({specs[-1][0]})")
+        return cls._from_parts(dims, specs, linears, output_sign=_check_sign(output_sign))
+
+
+def _check_sign(output_sign) -> float:
+    if output_sign not in (1.0, -1.0):
+        raise ValueError(f"output_sign must be 1 or -1, got {output_sign}")
+    return float(output_sign)
+
+
+class GaussianPosteriorEnergy(nn.Module):
+    """The posterior energy of a latent-variable model with a Gaussian likelihood, for one batch of data x:
+
+        forward(z) = energy(z) + ‖x_b − generator(z[:, :Dg])‖² / (2σ²)     → (B,)
+
+    energy: the latent energy (the prior's −log density, e.g. an ``MLPEnergy``); generator: z[:, :Dg] → (B, *data)
+    (e.g. an ``MLP``; Dg = ``generator_inputs``, default its ``dims[0]`` for an ``MLP``, else all of z: then the
+    generator gets z as it is); sigma: σ > 0 of p(x|z) = N(G(z), σ²I).
+
+    The data: ``set_target(x)`` before each chain copies x, flattened to (B, P), into a buffer kept per batch size
+    B (``target_for(B)``; ``target`` is the last one set). Built once per training run, this module is the same
+    object every iteration and its buffers stay where they are, so a CUDA graph captured for B samples replays
+    with each new batch (a last, smaller batch gets its own buffer instead of replacing the first). With an
+    ``MLPEnergy`` and an ``MLP`` generator ``fl.langevin`` runs the chain as one fused kernel.
+    """
+
+    def __init__(self, energy: nn.Module, generator: nn.Module, sigma: float, *, generator_inputs: int | None = None):
+        super().__init__()
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < float("inf"):
+            raise ValueError(f"sigma must be a finite float > 0, got {sigma!r}")
+        if generator_inputs is None and isinstance(generator, MLP):
+            generator_inputs = generator.dims[0]
+        if generator_inputs is not None and (isinstance(generator_inputs, bool) or not isinstance(generator_inputs, int)
+                                             or generator_inputs < 1):
+            raise ValueError(f"generator_inputs must be None or an int >= 1, got {generator_inputs!r}")
+        self.energy, self.generator = energy, generator
+        self.sigma = float(sigma)
+        self.generator_inputs = generator_inputs
+        self._last_batch = None
+
+    @property
+    def likelihood_scale(self) -> float:
+        """1/(2σ²), the weight of the squared error."""
+        return 1.0 / (2.0 * self.sigma ** 2)
+
+    @torch.no_grad()
+    def set_target(self, x: torch.Tensor) -> "GaussianPosteriorEnergy":
+        """Use the data x (B, *data_shape) for the next chains of B samples: copied, flattened to (B, P), into the
+        buffer of batch size B (made on first use, or when P, dtype or device change). Returns self."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] < 1:
+            raise ValueError(f"x must be a tensor of shape (B, *data_shape) with B >= 1, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        x = x.detach().reshape(x.shape[0], -1)
+        name = f"target_{x.shape[0]}"
+        held = getattr(self, name, None)
+        if held is None or held.shape != x.shape or held.dtype != x.dtype or held.device != x.device:
+            self.register_buffer(name, torch.empty_like(x, memory_format=torch.contiguous_format), persistent=False)
+        getattr(self, name).copy_(x)
+        self._last_batch = x.shape[0]
+        return self
+
+    def target_for(self, batch: int) -> torch.Tensor:
+        """The data (batch, P) of the chains of ``batch`` samples."""
+        held = getattr(self, f"target_{batch}", None)
+        if held is None:
+            raise ValueError(f"no data for chains of {batch} samples: call set_target(x) with a batch of {batch} "
+                             f"first")
+        return held
+
+    @property
+    def target(self) -> torch.Tensor:
+        """The data last given to ``set_target``, (B, P)."""
+        if self._last_batch is None:
+            raise ValueError("no data yet: call set_target(x) first")
+        return self.target_for(self._last_batch)
+
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """generator(z[:, :Dg]) flattened: (B, P)."""
+        if self.generator_inputs is None:
+            return self.generator(z).reshape(z.shape[0], -1)
+        flat = z.reshape(z.shape[0], -1)
+        if flat.shape[1] < self.generator_inputs:
+            raise ValueError(f"the generator reads the first {self.generator_inputs} latent features, got z of shape "
+                             f"{tuple(z.shape)}")
+        return self.generator(flat[:, :self.generator_inputs]).reshape(z.shape[0], -1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        target = self.target_for(z.shape[0])
+        squared_error = (target.to(z.dtype) - self.generate(z)).pow(2).sum(1)
+        return self.energy(z) + self.likelihood_scale * squared_error
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma:g}, generator_inputs={self.generator_inputs}"
 
 
 class GaussianMixtureEnergy(nn.Module):
@@ -36,117 +388,32 @@ def grid_means(n_per_side: int = 5, spacing: float = 1.0) -> torch.Tensor:
     return torch.cartesian_prod(axis, axis)
 
 
+class FusedTerms(NamedTuple):
+    """An energy as the fused chain computes it: ``output_sign · energy(z)`` plus, with a generator,
+    ``likelihood_scale · ‖target − generator(z[:, :Dg])‖²``."""
 
-_ALIASES = {"swish": "silu", "lrelu": "leaky_relu"}
-_DEFAULT_PARAM = {"leaky_relu": 0.2, "elu": 1.0}
-
-
-def _activation_module(name: str, param: float) -> nn.Module:
-    return {
-        "relu": lambda: nn.ReLU(),
-        "leaky_relu": lambda: nn.LeakyReLU(param),
-        "silu": lambda: nn.SiLU(),
-        "gelu": lambda: nn.GELU(),
-        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-        "elu": lambda: nn.ELU(param),
-        "softplus": lambda: nn.Softplus(),
-        "tanh": lambda: nn.Tanh(),
-    }[name]()
+    energy: MLPEnergy
+    generator: MLP | None = None
+    target: torch.Tensor | None = None
+    likelihood_scale: float = 0.0
 
 
-class MLPEnergy(nn.Module):
-    """An MLP energy on flattened latents: ``dims = (D, H1, …, Hn, 1)``, one activation between the layers.
-
-    ``forward(z)``: z (B, *latent_shape) with ``prod(latent_shape) == D`` → (B,) energies ``output_sign · net(z)``.
-    ``output_sign=-1`` adopts a network that outputs f = −E (the joint-EBM paper's convention).
-    ``fl.langevin`` runs a chain of this energy as one fused kernel (weights loaded once, z kept on chip); its
-    forward is ordinary autograd-compatible PyTorch, so the energy trains as usual.
-    """
-
-    def __init__(self, dims, activation: str = "leaky_relu", activation_param: float | None = None,
-                 bias: bool = True, output_sign: float = 1.0):
-        super().__init__()
-        dims = tuple(int(d) for d in dims)
-        if len(dims) < 2 or dims[-1] != 1 or any(d < 1 for d in dims):
-            raise ValueError(f"dims must be (D, H1, ..., 1) with positive sizes and a last size of 1, got {dims}")
-        activation = _ALIASES.get(activation, activation)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation: unknown {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        if output_sign not in (1.0, -1.0):
-            raise ValueError(f"output_sign must be 1 or -1, got {output_sign}")
-        self.dims = dims
-        self.activation = activation
-        self.activation_param = float(_DEFAULT_PARAM.get(activation, 0.0) if activation_param is None
-                                      else activation_param)
-        self.output_sign = float(output_sign)
-        self.layers = nn.ModuleList(nn.Linear(i, o, bias=bias) for i, o in zip(dims[:-1], dims[1:]))
-        self.act = _activation_module(activation, self.activation_param)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = z.reshape(z.shape[0], -1)
-        if h.shape[1] != self.dims[0]:
-            raise ValueError(f"MLPEnergy expects latents with {self.dims[0]} features, got z of shape "
-                             f"{tuple(z.shape)}")
-        for i, layer in enumerate(self.layers):
-            h = layer(h)
-            if i < len(self.layers) - 1:
-                h = self.act(h)
-        return self.output_sign * h.squeeze(1)
-
-    def kernel_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(weight (out, in), bias (out,) or None) per layer, detached; for the fused kernels."""
-        return [(layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
-                for layer in self.layers]
-
-    @classmethod
-    def from_sequential(cls, seq: nn.Sequential, output_sign: float = 1.0) -> "MLPEnergy":
-        """Adopt ``Linear → act → … → Linear(·, 1)`` sharing its parameters (no copy, so training ``seq`` trains
-        the adopted energy). A spectral-normalised Linear is adopted with its current normalised weight (a copy:
-        re-adopt after updating). Raises ``ValueError`` naming a layer it cannot adopt and why."""
-        modules = [m for m in seq if not isinstance(m, (nn.Identity, nn.Flatten))]
-        linears, acts = modules[0::2], modules[1::2]
-        for i, m in enumerate(linears):
-            if not isinstance(m, nn.Linear):
-                raise ValueError(f"layer {i * 2} ({type(m).__name__}): expected nn.Linear at even positions of "
-                                 f"Linear, activation, Linear, ...")
-        if len(linears) != len(acts) + 1:
-            raise ValueError("the Sequential must end with nn.Linear(·, 1) after its last activation")
-        if acts and len({(type(a), _activation_of(a)) for a in acts}) > 1:
-            raise ValueError("all activations must be the same, with the same parameters, for the fused kernel")
-        name, param = ("relu", 0.0) if not acts else _activation_of(acts[0])
-        dims = [linears[0].in_features] + [m.out_features for m in linears]
-        energy = cls(dims, name, param, bias=linears[0].bias is not None, output_sign=output_sign)
-        for i, (src, dst) in enumerate(zip(linears, energy.layers)):
-            if (src.bias is None) != (dst.bias is None):
-                raise ValueError(f"layer {2 * i}: all Linear layers must either have biases or not")
-            if hasattr(src, "parametrizations") and "weight" in src.parametrizations:
-                dst.weight = nn.Parameter(src.weight.detach().clone(), requires_grad=False)
-            elif hasattr(src, "weight_orig"):  # torch.nn.utils.spectral_norm (the hook form)
-                dst.weight = nn.Parameter(src.weight.detach().clone(), requires_grad=False)
-            else:
-                dst.weight = src.weight
-            if src.bias is not None:
-                dst.bias = src.bias
-        return energy
-
-
-def _activation_of(module: nn.Module) -> tuple[str, float]:
-    if isinstance(module, nn.ReLU):
-        return "relu", 0.0
-    if isinstance(module, nn.LeakyReLU):
-        return "leaky_relu", float(module.negative_slope)
-    if isinstance(module, nn.SiLU):
-        return "silu", 0.0
-    if isinstance(module, nn.GELU):
-        return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), 0.0
-    if isinstance(module, nn.ELU):
-        return "elu", float(module.alpha)
-    if isinstance(module, nn.Softplus):
-        if module.beta != 1 or module.threshold != 20:
-            raise ValueError(f"Softplus with beta={module.beta}, threshold={module.threshold}: the fused kernel "
-                             f"supports beta=1, threshold=20")
-        return "softplus", 0.0
-    if isinstance(module, nn.Tanh):
-        return "tanh", 0.0
-    raise ValueError(f"activation {type(module).__name__} is not supported by the fused kernel; supported: "
-                     f"ReLU, LeakyReLU, SiLU, GELU, ELU, Softplus, Tanh")
+def fused_terms(energy, batch: int | None = None) -> FusedTerms | str | None:
+    """The fused chain's terms for ``energy`` and chains of ``batch`` samples (default: the posterior's last data);
+    a string saying why not for a kind of energy it runs when the parts do not fit; None for any other energy (it
+    runs step by step, as every callable may) or a posterior without data for ``batch`` (its forward says so)."""
+    if isinstance(energy, MLPEnergy):
+        return FusedTerms(energy)
+    if isinstance(energy, GaussianPosteriorEnergy):
+        try:
+            target = energy.target if batch is None else energy.target_for(batch)
+        except ValueError:
+            return None
+        if not isinstance(energy.energy, MLPEnergy):
+            return f"its energy is a {type(energy.energy).__name__}, not an fl.MLPEnergy"
+        if not isinstance(energy.generator, MLP) or isinstance(energy.generator, MLPEnergy):
+            return f"its generator is a {type(energy.generator).__name__}, not an fl.MLP"
+        if energy.generator_inputs != energy.generator.dims[0]:
+            return "its generator_inputs differ from the generator's input width"
+        return FusedTerms(energy.energy, energy.generator, target, energy.likelihood_scale)
+    return None

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastlangevin.ops.langevin_step_reference import PRIOR_DIAGONAL, PRIOR_FLAT, PRIOR_NORMAL
+from fastlangevin.ops.codes import PRIOR_DIAGONAL, PRIOR_FLAT, PRIOR_NORMAL
 from fastlangevin.ops.philox import compute_dtype
 
 

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from fastlangevin.backends import note_fallback, resolve_backend
-from fastlangevin.energies import MLPEnergy
+from fastlangevin.backends import fused_chain_backend, note_fallback, resolve_backend
+from fastlangevin.energies import FusedTerms, fused_terms
 from fastlangevin.graphs import run_graphed, use_graph
-from fastlangevin.ops.mlp_chain import (FUSED_DTYPES, METHODS, fused_backend_for, run_mlp_chain,
-                                        unsupported_reason)
+from fastlangevin.ops.codes import METHODS, PRIOR_FLAT, PRIOR_NORMAL
+from fastlangevin.ops.mlp_chain import FUSED_DTYPES, MLPNetwork, chain_limit, run_mlp_chain
 from fastlangevin.ops.langevin_step import check_hyper, make_rng_state, run_step
-from fastlangevin.ops.langevin_step_reference import PRIOR_FLAT, PRIOR_NORMAL
 from fastlangevin.ops.philox import MAX_SEED, acceptance_uniforms
 from fastlangevin.priors import Prior, as_prior
 from fastlangevin.profiling import nvtx_range
@@ -117,9 +116,10 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
         names. A capture that fails, or one repeated every call because the energy changes, falls back to the
         eager chain with one warning naming the cause.
 
-    An ``fl.MLPEnergy`` runs the whole chain as one fused kernel where it can (not with ``create_graph``, a prior
-    the kernel cannot evaluate, or ``backend="reference"``); why it did not is logged once and shown by
-    ``fl.backend_info()``.
+    An ``fl.MLPEnergy`` (or an ``fl.GaussianPosteriorEnergy`` of an ``MLPEnergy`` and an ``fl.MLP`` generator) runs
+    the whole chain as one fused kernel where it can (not with ``create_graph``, a prior the kernel cannot evaluate,
+    a network beyond the kernel's limits, or ``backend="reference"``); ``info.backend`` then says ``cpu:fused`` or
+    ``triton:fused``. Why it did not is logged once and shown by ``fl.backend_info()``.
 
     The energy's parameters keep their ``requires_grad`` and ``.grad``. A non-finite energy raises
     ``NonFiniteEnergyError`` naming the first step and how many samples.
@@ -166,37 +166,76 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
     return result.z
 
 
-def _fused_plan(energy, z0, prior: Prior, step_backend: str, create_graph: bool) -> str | None:
-    """The fused-chain backend for this call, or None (with the reason noted once) when it cannot be used."""
-    if not isinstance(energy, MLPEnergy):
+class _FusedPlan(NamedTuple):
+    """A chain the fused kernel runs: the backend and the energy's terms as the kernel takes them."""
+
+    backend: str
+    energy: MLPNetwork
+    output_sign: float
+    generator: MLPNetwork | None
+    target: torch.Tensor | None
+    likelihood_scale: float
+
+
+def _fused_plan(energy, z0, prior: Prior, step_backend: str, create_graph: bool) -> _FusedPlan | None:
+    """The fused chain for this call, or None (with the reason noted once) when it cannot be used."""
+    terms = fused_terms(energy, z0.shape[0])
+    if terms is None:
         return None
-    fused, why = fused_backend_for(step_backend)
-    if fused is not None:
+    backend, why = fused_chain_backend(step_backend)
+    if backend is not None:
         if create_graph:
-            fused, why = None, "create_graph=True needs the autograd chain"
+            backend, why = None, "create_graph=True needs the autograd chain"
         elif prior.kernel_params(z0) is None:
-            fused, why = None, f"the prior {type(prior).__name__} is not one the kernel evaluates"
+            backend, why = None, f"the prior {type(prior).__name__} is not one the kernel evaluates"
         elif z0.dtype not in FUSED_DTYPES:
-            fused, why = None, f"the fused chain runs float32/float64, not {z0.dtype}"
-        elif z0[0].numel() != energy.dims[0]:
-            return None  # the energy itself raises the shape error on the step-op path
-        elif (limit := unsupported_reason(fused, energy, z0)) is not None:
-            fused, why = None, limit
-    if fused is None:
-        note_fallback(f"MLPEnergy chain on {z0.device.type}", f"step-op chain ({step_backend})", why)
-    return fused
+            backend, why = None, f"the fused chain runs float32/float64, not {z0.dtype}"
+        elif isinstance(terms, str):
+            backend, why = None, terms
+        elif not _fits(terms, z0):
+            return None  # the energy itself raises the error (shapes, dtypes, devices) on the step-op path
+        else:
+            plan = _FusedPlan(backend, terms.energy.kernel_network(z0.dtype, z0.device), terms.energy.output_sign,
+                              None if terms.generator is None else
+                              terms.generator.kernel_network(z0.dtype, z0.device),
+                              None if terms.target is None else terms.target.to(z0.dtype), terms.likelihood_scale)
+            why = chain_limit(backend, z0.shape[0], plan.energy, plan.generator, z0.dtype)
+            if why is None:
+                return plan
+            backend = None
+    note_fallback(f"{type(energy).__name__} chain on {z0.device.type}", f"step-op chain ({step_backend})", why)
+    return None
 
 
-def _run_fused(backend, energy, z0, n_steps, step_size, noise_scale, prior, seed, clip_grad, return_info, method):
+def _fits(terms: FusedTerms, z0: torch.Tensor) -> bool:
+    """Whether the energy's networks (and data) take this z0 as its forward would: sizes, dtype, device."""
+    networks = [terms.energy] + ([] if terms.generator is None else [terms.generator])
+    if any(p.dtype != z0.dtype or p.device != z0.device for net in networks for p in net.parameters()):
+        return False
+    if terms.target is not None and terms.target.device != z0.device:
+        return False
+    if z0[0].numel() != terms.energy.dims[0]:
+        return False
+    return terms.generator is None or (terms.target.dim() == 2 and terms.target.shape[0] == z0.shape[0]
+                                       and terms.target.shape[1] == terms.generator.dims[-1]
+                                       and terms.generator.dims[0] <= terms.energy.dims[0])
+
+
+def _run_fused(plan: _FusedPlan, energy, z0, n_steps, step_size, noise_scale, prior, seed, clip_grad, return_info,
+               method):
     rng_state = make_rng_state(seed, 0, z0.device)
-    z, energies, grad_norms, accepted = run_mlp_chain(backend, energy, z0, n_steps, step_size, noise_scale,
-                                                      prior.kernel_params(z0), rng_state, clip_grad, method,
-                                                      return_info)
-    _raise_if_not_finite((~torch.isfinite(energies)).sum(1), z, z0.shape[0])
+    out = run_mlp_chain(plan.backend, z0, plan.energy, plan.output_sign, n_steps, step_size, noise_scale,
+                        prior.kernel_params(z0), rng_state, clip_grad, METHODS[method], return_info, plan.generator,
+                        plan.target, plan.likelihood_scale)
+    bad = out.first_bad >= 0
+    if bool(bad.any()):  # one host sync per chain
+        step = int(out.first_bad[bad].min())
+        raise NonFiniteEnergyError(_non_finite_message(step, int((out.first_bad == step).sum()), z0.shape[0]))
+    _check_final_z(out.z)
     if return_info:
-        return z, LangevinInfo(energies, grad_norms, f"{backend}:fused", seed, step_size, noise_scale, method,
-                               accepted)
-    return z
+        return out.z, LangevinInfo(out.energies, out.grad_norms, f"{plan.backend}:fused", seed, step_size,
+                                   noise_scale, method, out.accepted)
+    return out.z
 
 
 class _Evaluator:
@@ -329,8 +368,16 @@ def _raise_if_not_finite(n_bad: torch.Tensor, z: torch.Tensor, batch: int) -> No
     bad_steps = torch.nonzero(n_bad).flatten()
     if bad_steps.numel():
         k = int(bad_steps[0])
-        raise NonFiniteEnergyError(f"energy was not finite at step {k} (0-based) for {int(n_bad[k])} of {batch} "
-                                   f"samples; z0 was not modified. Try a smaller step_size or clip_grad.")
+        raise NonFiniteEnergyError(_non_finite_message(k, int(n_bad[k]), batch))
+    _check_final_z(z)
+
+
+def _non_finite_message(step: int, count: int, batch: int) -> str:
+    return (f"energy was not finite at step {step} (0-based) for {count} of {batch} samples; z0 was not modified. "
+            f"Try a smaller step_size or clip_grad.")
+
+
+def _check_final_z(z: torch.Tensor) -> None:
     if not bool(torch.isfinite(z).all()):
         raise NonFiniteEnergyError("the chain produced non-finite z although every energy was finite (the energy "
                                    "gradient overflowed); rerun with return_info=True to see the gradient norms, "

@@ -6,8 +6,8 @@ import torch
 import fastlangevin as fl
 from fastlangevin.backends import BackendUnavailableError
 from fastlangevin.ops.langevin_step import COMPILED_OPS, make_rng_state, run_step
-from fastlangevin.ops.langevin_step_reference import (PRIOR_DIAGONAL, PRIOR_FLAT, PRIOR_NORMAL,
-                                                      langevin_step_reference)
+from fastlangevin.ops.codes import PRIOR_DIAGONAL, PRIOR_FLAT, PRIOR_NORMAL
+from fastlangevin.ops.langevin_step_reference import langevin_step_reference
 from tests.lanes import LANES, require
 from tests.kernels import launch_into
 

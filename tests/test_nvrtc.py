@@ -23,8 +23,8 @@ import torch
 from fastlangevin import _ext
 from fastlangevin.ops import nvrtc as rtc
 from fastlangevin.ops.langevin_step import DTYPE_CODES, launch_cuda, make_rng_state
-from fastlangevin.ops.langevin_step_reference import (PRIOR_DIAGONAL, PRIOR_FLAT, PRIOR_NORMAL,
-                                                      langevin_step_reference)
+from fastlangevin.ops.codes import PRIOR_DIAGONAL, PRIOR_FLAT, PRIOR_NORMAL
+from fastlangevin.ops.langevin_step_reference import langevin_step_reference
 from fastlangevin.ops.philox import normal_noise
 
 

@@ -159,7 +159,8 @@ def prepare_jax(model, z0, n_steps, step_size, seed):
     except RuntimeError:
         raise Skip(f"jax has no {platform} device here (the torch rows run on {z0.device})") from None
     put = lambda t: jax.device_put(t.detach().cpu().numpy(), jax_device)
-    params = [(put(w.T), None if b is None else put(b)) for w, b in model.energy.kernel_weights()]
+    params = [(put(layer.weight.T), None if layer.bias is None else put(layer.bias))
+              for layer in model.energy.layers]
     slope, sigma = model.slope, math.sqrt(step_size)
 
     def energy_sum(z):

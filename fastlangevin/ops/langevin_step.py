@@ -16,11 +16,12 @@ import torch
 
 from fastlangevin import _ext
 from fastlangevin.backends import on_resolve, resolve_backend
-from fastlangevin.ops.langevin_step_reference import (PRIOR_DIAGONAL, PRIOR_FLAT, PRIOR_NORMAL,
-                                                      langevin_step_reference)
-from fastlangevin.ops.philox import MAX_SEED, compute_dtype
+from fastlangevin.ops import codes
+from fastlangevin.ops.codes import PRIOR_DIAGONAL, PRIOR_FLAT, PRIOR_NORMAL
+from fastlangevin.ops.langevin_step_reference import langevin_step_reference
+from fastlangevin.ops.philox import MAX_SEED
 
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+DTYPE_CODES = {getattr(torch, name): code for name, code in codes.DTYPES.items()}  # torch dtype -> binding code
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -198,6 +199,23 @@ def run_step(backend: str, z, grad, rng_state, step_size: float, noise_scale: fl
     return COMPILED_OPS[backend](z, grad, rng_state, step_size, noise_scale, prior_kind, prior_mean, prior_inv_var)
 
 
+def kernel_prior_args(prior, z: torch.Tensor) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+    """``(prior_kind, mean, inv_var)`` for the kernels from ``prior``: ``None`` or a parameter-free kind's name
+    (``"flat"``, ``"normal"``), or an object whose ``kernel_params(z)`` gives them (``fastlangevin.priors.Prior``)."""
+    parameter_free = ("flat", "normal")
+    if prior is None or isinstance(prior, str):
+        if prior is not None and prior not in parameter_free:
+            raise ValueError(f"prior: unknown name {prior!r}; use one of {parameter_free}, None or a fastlangevin "
+                             f"prior object such as fl.DiagonalNormalPrior(mean, log_std)")
+        return codes.PRIORS[prior or "flat"], None, None
+    params = prior.kernel_params(z) if hasattr(prior, "kernel_params") else None
+    if params is None:
+        raise ValueError(f"prior: the step op evaluates 'normal', 'flat'/None and fastlangevin's Gaussian priors "
+                         f"(fl.DiagonalNormalPrior(mean, log_std)), got {type(prior).__name__}; for another prior "
+                         f"add −∇log prior(z) to grad and pass prior=None")
+    return params
+
+
 def langevin_step(z: torch.Tensor, grad: torch.Tensor, step_size: float, noise_scale: float | None = None, *,
                   prior="normal", seed: int = 0, counter: int = 0, rng_state: torch.Tensor | None = None,
                   backend: str = "auto") -> torch.Tensor:
@@ -205,19 +223,15 @@ def langevin_step(z: torch.Tensor, grad: torch.Tensor, step_size: float, noise_s
 
     z, grad: (B, *latent_shape), same float dtype and device; ``grad`` is ∇E(z) of the energy E (low = likely).
     step_size: ε > 0 (for the ``s²/2`` convention pass ``s**2``); noise_scale: σ ≥ 0, default ``sqrt(ε)``.
-    prior: see ``fastlangevin.priors.as_prior``; a prior the kernel cannot evaluate is rejected here (the chain
-    API handles those by autograd).
+    prior: ``"normal"`` (N(0, I)), ``None``/``"flat"``, or a ``fastlangevin`` prior the kernel evaluates
+    (``fl.DiagonalNormalPrior(mean, log_std)``); for any other prior add −∇log prior(z) to grad and pass None (the
+    chain API ``fl.langevin`` does that by autograd).
     seed, counter: the noise is ``philox.normal_noise`` at ``[seed, counter]``; or pass ``rng_state`` (int64
     ``[seed, counter]`` on z's device), which graph-captured chains advance in place.
     """
-    from fastlangevin.priors import as_prior
-
     check_step_inputs(z, grad)
     step_size, noise_scale = check_hyper(step_size, noise_scale)
-    params = as_prior(prior).kernel_params(z)
-    if params is None:
-        raise ValueError("langevin_step evaluates Gaussian and flat priors only; add −∇log prior(z) to grad and "
-                         "pass prior=None")
+    params = kernel_prior_args(prior, z)
     chosen = resolve_backend(backend, z.device, z.dtype)
     if rng_state is None:
         rng_state = make_rng_state(seed, counter, z.device)

@@ -5,7 +5,7 @@ One step, with ε = ``step_size``, σ = ``noise_scale`` and ω the Philox stream
     z_new = z − (ε/2)·(grad + prior_inv_var·(z − prior_mean)) + σ·ω
 
 ``grad`` is ∇E(z) (E = energy, low = likely; the papers' f_α = −E). The prior term is −∇log prior(z) of a diagonal
-Gaussian; ``prior_kind`` selects it:
+Gaussian; ``prior_kind`` (``fastlangevin.ops.codes``) selects it:
 
 * ``PRIOR_FLAT`` (0): no prior term;
 * ``PRIOR_NORMAL`` (1): N(0, I), the term is ``z``;
@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from fastlangevin.ops.codes import PRIOR_DIAGONAL, PRIOR_NORMAL
 from fastlangevin.ops.philox import compute_dtype, normal_noise
-
-PRIOR_FLAT = 0
-PRIOR_NORMAL = 1
-PRIOR_DIAGONAL = 2
 
 
 def langevin_step_reference(z: torch.Tensor, grad: torch.Tensor, rng_state: torch.Tensor, step_size: float,

@@ -9,35 +9,24 @@ Each program owns ``BLOCK`` Philox blocks = ``4·BLOCK`` consecutive elements: i
 once and interleaves them into stream order. float16/bfloat16/float32 are computed in float32, float64 in float64.
 The kernel reads ``rng_state`` and does not advance it: advancing the counter is the caller's job.
 
-Registering with ``torch.library`` (the launcher is written for it; ``wrap_triton`` from ``utils`` is
-``torch.library.wrap_triton`` that also accepts the interpreter's kernels on torch < 2.13)::
-
-    @torch.library.triton_op("fastlangevin::langevin_step", mutates_args={"out"})
-    def _(z, grad, out, rng_state, step_size: float, noise_scale: float, prior_kind: int,
-          prior_mean: Optional[Tensor], prior_inv_var: Optional[Tensor]) -> None:
-        langevin_step_triton(z, grad, out, rng_state, step_size, noise_scale, prior_kind, prior_mean,
-                             prior_inv_var, wrap=wrap_triton)
-
-    @_.register_fake
-    def _(*args): return None   # out is mutated in place; nothing to allocate
-
-``wrap`` is applied to the kernel object before the launch, so the launch reads ``wrap(kernel)[grid](...)``. The
-explicit fake matters under ``TRITON_INTERPRET=1``: there the default fake of a ``triton_op`` runs the interpreter on
-fake tensors and fails (``opcheck``'s fake-tensor test passes with it). The kernels (``langevin_step_kernel``,
-``normal_noise_kernel``) and the launch-settings helper (``launch_settings``) are public for a launcher written
-elsewhere.
+The launchers check their arguments and launch; ``fastlangevin.ops.langevin_step`` registers the step as the op
+``fastlangevin::langevin_step_triton`` (``torch.library.triton_op``, passing ``wrap=utils.wrap_triton``, which is
+``torch.library.wrap_triton`` for compiled kernels, so that ``torch.compile`` sees the kernel) with an explicit
+fake and the autograd formula. The kernels (``langevin_step_kernel``, ``normal_noise_kernel``) and
+``launch_settings`` are public for a launcher written elsewhere.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from fastlangevin.ops.langevin_step_reference import PRIOR_DIAGONAL, PRIOR_FLAT, PRIOR_NORMAL
+from fastlangevin.ops.codes import PRIOR_DIAGONAL, PRIOR_FLAT, PRIOR_NORMAL
 from fastlangevin.ops.philox import compute_dtype
+from fastlangevin.ops.triton import codes
 from fastlangevin.ops.triton.philox import interleave4, load_rng_state, normal4
 from fastlangevin.ops.triton.utils import scalar_as, to_storage
 
@@ -98,16 +87,16 @@ def langevin_step_kernel(z_ptr, grad_ptr, out_ptr, rng_state_ptr, prior_mean_ptr
 
     ``half_step`` = step_size/2 (halved on the host in float64, as the reference does); both float scalars are
     annotated fp64 so that float64 runs are not rounded through float32. Prior pointers are read only when
-    ``PRIOR_KIND == 2`` (element i uses feature ``i % n_features``); ``rng_state`` only when ``NOISE``.
+    ``PRIOR_KIND`` is diagonal (element i uses feature ``i % n_features``); ``rng_state`` only when ``NOISE``.
     """
     CDT: tl.constexpr = tl.float64 if COMPUTE_F64 else tl.float32
     block_index, offsets = _program_offsets(BLOCK, INDEX_64)
     mask = offsets < n
     z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(CDT)
     drift = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(CDT)
-    if PRIOR_KIND == 1:
+    if PRIOR_KIND == codes.PRIOR_NORMAL:
         drift = drift + z
-    elif PRIOR_KIND == 2:
+    elif PRIOR_KIND == codes.PRIOR_DIAGONAL:
         feature = offsets % n_features
         mean = tl.load(prior_mean_ptr + feature, mask=mask, other=0.0).to(CDT)
         inv_var = tl.load(prior_inv_var_ptr + feature, mask=mask, other=0.0).to(CDT)
@@ -128,11 +117,7 @@ def normal_noise_kernel(out_ptr, rng_state_ptr, n, COMPUTE_F64: tl.constexpr, BL
     tl.store(out_ptr + offsets, to_storage(noise, out_ptr.dtype.element_ty), mask=offsets < n)
 
 
-def _identity(kernel):
-    return kernel
-
-
-def _check_rng_state(rng_state: torch.Tensor, device: torch.device) -> None:
+def check_rng_state(rng_state: torch.Tensor, device: torch.device) -> None:
     if rng_state.dtype != torch.int64 or rng_state.numel() < 2 or not rng_state.is_contiguous():
         raise ValueError(f"rng_state must be a contiguous int64 tensor [seed, counter], got dtype {rng_state.dtype} "
                          f"with shape {tuple(rng_state.shape)}; make it with torch.tensor([seed, 0], "
@@ -160,14 +145,14 @@ def check_prior_args(prior_kind: int, prior_mean, prior_inv_var, n_features: int
 def langevin_step_triton(z: torch.Tensor, grad: torch.Tensor, out: torch.Tensor, rng_state: torch.Tensor,
                          step_size: float, noise_scale: float, prior_kind: int,
                          prior_mean: torch.Tensor | None, prior_inv_var: torch.Tensor | None,
-                         wrap: Callable = _identity) -> None:
+                         wrap: Optional[Callable] = None) -> None:
     """One Langevin step written into ``out`` (which may be ``z`` itself: each element is read before it is written).
 
     ``z``, ``grad``, ``out``: contiguous, same shape, dtype (float16/bfloat16/float32/float64) and device;
     ``rng_state``: int64 ``[seed, counter]`` on that device, read by the kernel, not advanced; ``prior_kind``: 0 flat,
     1 N(0, I), 2 diagonal with ``prior_mean``/``prior_inv_var`` 1-D of length ``z[0].numel()`` in the compute dtype
     (float64 for float64, else float32); for other kinds they are ignored and may be None. ``wrap``: applied to the
-    kernel before launching (``utils.wrap_triton`` inside a ``triton_op``).
+    kernel before launching (``utils.wrap_triton`` inside a ``triton_op``); None launches it directly.
     """
     for name, t in (("grad", grad), ("out", out)):
         if t.shape != z.shape or t.dtype != z.dtype or t.device != z.device:
@@ -183,7 +168,7 @@ def langevin_step_triton(z: torch.Tensor, grad: torch.Tensor, out: torch.Tensor,
     check_prior_args(prior_kind, prior_mean, prior_inv_var, n_features, ctype, z.device)
     noise = noise_scale != 0.0
     if noise:
-        _check_rng_state(rng_state, z.device)
+        check_rng_state(rng_state, z.device)
     n = z.numel()
     if n == 0:
         return
@@ -191,13 +176,14 @@ def langevin_step_triton(z: torch.Tensor, grad: torch.Tensor, out: torch.Tensor,
     # Unused pointer slots get z: a real tensor keeps the argument list the same for every prior kind.
     mean = prior_mean if prior_kind == PRIOR_DIAGONAL else z
     inv_var = prior_inv_var if prior_kind == PRIOR_DIAGONAL else z
-    wrap(langevin_step_kernel)[settings.grid](
+    kernel = langevin_step_kernel if wrap is None else wrap(langevin_step_kernel)
+    kernel[settings.grid](
         z, grad, out, rng_state, mean, inv_var, n, n_features, float(step_size) / 2, float(noise_scale),
         PRIOR_KIND=prior_kind, NOISE=noise, COMPUTE_F64=ctype == torch.float64, BLOCK=settings.block,
         INDEX_64=settings.index_64, num_warps=settings.num_warps)
 
 
-def normal_noise_triton(out: torch.Tensor, rng_state: torch.Tensor, wrap: Callable = _identity) -> None:
+def normal_noise_triton(out: torch.Tensor, rng_state: torch.Tensor) -> None:
     """Fill the contiguous 1-D ``out`` with the stream's first ``out.numel()`` normals at ``rng_state``.
 
     Computed in float64 for a float64 ``out``, else in float32 and rounded to ``out``'s dtype; matches
@@ -205,11 +191,11 @@ def normal_noise_triton(out: torch.Tensor, rng_state: torch.Tensor, wrap: Callab
     """
     if out.dim() != 1 or not out.is_contiguous() or not out.is_floating_point():
         raise ValueError(f"out must be a contiguous 1-D float tensor, got shape {tuple(out.shape)}, {out.dtype}")
-    _check_rng_state(rng_state, out.device)
+    check_rng_state(rng_state, out.device)
     n = out.numel()
     if n == 0:
         return
     settings = launch_settings(n)
-    wrap(normal_noise_kernel)[settings.grid](
+    normal_noise_kernel[settings.grid](
         out, rng_state, n, COMPUTE_F64=out.dtype == torch.float64, BLOCK=settings.block,
         INDEX_64=settings.index_64, num_warps=settings.num_warps)

@@ -78,7 +78,7 @@ def load_rng_state(rng_state_ptr):
 
 
 @triton.jit
-def _box_muller(xa, xb, COMPUTE_F64: tl.constexpr):
+def box_muller(xa, xb, COMPUTE_F64: tl.constexpr):
     """Two normals from two uint32 words: ``r = sqrt(-2 log u(xa))``, ``θ = 2π v(xb)``; ``(r cos θ, r sin θ)``."""
     if COMPUTE_F64:
         u = xa.to(tl.float64) * _TWO_POW_M32 + _TWO_POW_M33
@@ -115,8 +115,8 @@ def normal4(seed_lo, seed_hi, block_index, counter_lo, counter_hi, COMPUTE_F64: 
     else float32.
     """
     x0, x1, x2, x3 = philox_block(seed_lo, seed_hi, block_index, counter_lo, counter_hi)
-    n0, n1 = _box_muller(x0, x1, COMPUTE_F64)
-    n2, n3 = _box_muller(x2, x3, COMPUTE_F64)
+    n0, n1 = box_muller(x0, x1, COMPUTE_F64)
+    n2, n3 = box_muller(x2, x3, COMPUTE_F64)
     return n0, n1, n2, n3
 
 
