@@ -327,6 +327,12 @@ class GaussianPosteriorEnergy(nn.Module):
         self._last_batch = x.shape[0]
         return self
 
+    def unread_by_chain(self, batch: int) -> set[str]:
+        """What a chain of ``batch`` samples does not read (the other batch sizes' data): a CUDA graph's key leaves
+        it out (``fastlangevin.graphs``)."""
+        return {name for name in self._buffers if name.startswith("target_") and name != f"target_{batch}"} | \
+            {"_last_batch"}
+
     def target_for(self, batch: int) -> torch.Tensor:
         """The data (batch, P) of the chains of ``batch`` samples."""
         held = getattr(self, f"target_{batch}", None)

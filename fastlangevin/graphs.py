@@ -12,6 +12,9 @@ where, and what, it was:
   held by the key (so their ``id`` cannot be reused while the graph lives). A freed energy replaced by a new one at
   the same address therefore replays the old graph only if the new one reads the same memory and values, which is
   exactly when that graph is right; a module rebuilt every call around the same parameters reuses one graph.
+  A module that holds state per batch size (a posterior energy's data, one buffer per B) names what a chain of B
+  samples does not read with ``unread_by_chain(B) -> set of attribute names``; the key leaves those out, so the
+  evaluation chain's new buffer does not invalidate the training chain's graph.
 * Parameters are read in place, so an optimiser step is seen by the next replay; a parameter replaced by a new
   tensor (or a changed Python attribute, or train/eval) changes the key and captures a new graph.
 * **Which energies are graphed by default** (``cuda_graph=None``, CUDA tensors, no ``create_graph``): an
@@ -100,9 +103,10 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
 class _StateKey:
     """Flattens what a chain reads from an object into ``(path, value)`` pairs: hashable, compared by value."""
 
-    def __init__(self):
+    def __init__(self, batch: int):
         self.items: list[tuple[str, object]] = []
         self._seen: set[int] = set()
+        self.batch = batch  # the chain's batch size, for modules whose state is per batch size
 
     def add(self, path: str, obj, depth: int = 0) -> None:
         if isinstance(obj, torch.Tensor):
@@ -123,12 +127,14 @@ class _StateKey:
     def _add_object(self, path: str, obj, depth: int) -> None:
         if isinstance(obj, nn.Module):  # its whole tree, whatever the depth: a module's state is what it reads
             self.items.append((path, ("module", _Same(type(obj)))))
+            unread = obj.unread_by_chain(self.batch) if hasattr(obj, "unread_by_chain") else ()
             for name, tensor in obj._parameters.items():
                 self.add(f"{path}.{name}", tensor)
             for name, tensor in obj._buffers.items():
-                self.add(f"{path}.{name}", tensor)
+                if name not in unread:
+                    self.add(f"{path}.{name}", tensor)
             for name, value in vars(obj).items():
-                if name not in _MODULE_SKIP:
+                if name not in _MODULE_SKIP and name not in unread:
                     self.add(f"{path}.{name}", value, depth + 1)
             for name, child in obj._modules.items():
                 self.add(f"{path}.{name}", child, depth)
@@ -171,9 +177,10 @@ class _StateKey:
             self.items.append((path, _Same(obj)))
 
 
-def state_key(obj, path: str) -> tuple:
-    """What a captured chain reads from ``obj`` (an energy or a prior), as a hashable tuple of (path, value)."""
-    key = _StateKey()
+def state_key(obj, path: str, batch: int) -> tuple:
+    """What a captured chain of ``batch`` samples reads from ``obj`` (an energy or a prior), as a hashable tuple of
+    (path, value)."""
+    key = _StateKey(batch)
     key.add(path, obj)
     return tuple(key.items)
 
@@ -187,7 +194,8 @@ def graph_key(energy, z0: torch.Tensor, settings: dict) -> tuple[tuple, tuple]:
     device_type = z0.device.type
     autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
     head = (tuple(z0.shape), z0.dtype, z0.device, autocast) + _settings_key(settings)
-    return head, state_key(energy, "energy") + state_key(settings["prior"], "prior")
+    batch = z0.shape[0]
+    return head, state_key(energy, "energy", batch) + state_key(settings["prior"], "prior", batch)
 
 
 # ------------------------------------------------------------------------------------------ which chains graph

@@ -431,3 +431,70 @@ def test_capture_failure_falls_back_with_a_reason():
     assert not info.backend.endswith(":graph")
     assert any("CUDA graph capture failed" in f for f in fl.backend_info().fallbacks)
     torch.testing.assert_close(z, fl.langevin(syncing_energy, z0, 3, 0.1, seed=1, cuda_graph=False))
+
+
+# --- a training run captures once per chain configuration ----------------------------------------------------------
+
+TRAINING_RUNS = {
+    "tilt": [["train-base", "vae", "--data", "25gaussians", "--n-train", "128", "--width", "8", "--steps", "2",
+              "--batch-size", "16", "--n-eval", "50", "--out", "{run}", "--no-progress"],
+             ["tilt", "{run}", "--steps", "20", "--batch-size", "8", "--n-steps", "3", "--sample-steps", "3",
+              "--eval-every", "10", "--n-eval", "40", "--energy-width", "8", "--energy-depth", "1", "--no-progress"]],
+    "lebm": [["train-prior", "lebm", "--data", "digits", "--out", "{run}", "--steps", "20", "--batch-size", "8",
+              "--prior-steps", "5", "--posterior-steps", "4", "--eval-every", "10", "--n-eval", "20",
+              "--latent-dim", "2", "--energy-width", "8", "--generator-width", "8", "--no-progress"]],
+    "hierarchical": [["train-prior", "joint", "--data", "digits", "--out", "{run}", "--vae-steps", "2", "--steps",
+                      "20", "--batch-size", "8", "--channels", "4", "--latent-channels", "2", "1", "--prior-steps",
+                      "3", "--energy-width", "4", "--no-progress"]],
+}
+
+
+def _modes(module) -> tuple:
+    return tuple(m.training for m in module.modules()) if isinstance(module, nn.Module) else ()
+
+
+@pytest.mark.parametrize("trainer", sorted(TRAINING_RUNS))
+def test_a_training_run_captures_once_per_chain_configuration(standin, trainer, tmp_path, monkeypatch):
+    """20 training iterations (plus evaluation) on tiny settings: one capture per chain configuration (energy, shape,
+    settings, train/eval flags), every later chain of that configuration a replay, optimiser steps seen (a chain
+    never replays a graph captured before the last step changed its energy's parameters: checked by the cache's
+    storage keys in the other tests; here the count)."""
+    pytest.importorskip("matplotlib")
+    from fastlangevin import sampler
+    from fastlangevin.cli import main
+    from fastlangevin.metrics import frechet
+    from fastlangevin.metrics.classifier import ClassifierConfig
+
+    # the stand-in graphs what runs on the step-op path; the fused chain (MLP energies) needs no graph
+    monkeypatch.setattr(sampler, "_fused_plan", lambda *args, **kwargs: None)
+    monkeypatch.setattr(frechet, "ClassifierConfig",
+                        lambda: ClassifierConfig(width=4, feature_dim=8, min_steps=20, epochs=0.1))
+    configurations, calls, real = set(), [], fl.langevin
+
+    def spy(energy, z0, n_steps, step_size, **kwargs):
+        settings = tuple(sorted((k, v if isinstance(v, (int, float, str, type(None))) else type(v).__name__)
+                                for k, v in kwargs.items() if k not in ("seed", "return_info")))
+        configurations.add((id(energy), tuple(z0.shape), z0.dtype, n_steps, step_size, settings, _modes(energy)))
+        calls.append(energy)
+        return real(energy, z0, n_steps, step_size, **kwargs)
+
+    monkeypatch.setattr(fl, "langevin", spy)
+    for command in TRAINING_RUNS[trainer]:
+        assert main([arg.replace("{run}", str(tmp_path)) for arg in command]) == 0
+    assert len(calls) >= 20
+    assert 0 < standin.captures <= len(configurations), (standin.captures, len(configurations), len(calls))
+    assert standin.replays == len(calls), "every chain (including its first, after the capture) is a replay"
+
+
+def test_a_posterior_energy_alternating_batch_sizes_keeps_one_graph_each(standin):
+    """Training chains of 8 and evaluation chains of 20 samples share one GaussianPosteriorEnergy: the evaluation's
+    data buffer must not invalidate the training chain's graph, and each replay reads the batch set last."""
+    torch.manual_seed(0)
+    posterior = fl.GaussianPosteriorEnergy(Quadratic(d=3), nn.Linear(3, 4).double(), sigma=0.5)
+    for step, batch in enumerate((8, 20, 8, 20, 8)):
+        x, z0 = torch.randn(batch, 4, dtype=torch.float64), torch.randn(batch, 3, dtype=torch.float64)
+        posterior.set_target(x)
+        z, was_graphed = graphed(posterior, z0, seed=step)
+        assert was_graphed
+        torch.testing.assert_close(z, eager(posterior, z0, seed=step), rtol=1e-12, atol=1e-12)
+    assert standin.captures == 2

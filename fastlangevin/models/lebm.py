@@ -146,6 +146,10 @@ class PosteriorEnergy(nn.Module):
         getattr(self, name).copy_(x.detach())
         return self
 
+    def unread_by_chain(self, batch: int) -> set[str]:
+        """The other batch sizes' data: a CUDA graph's key leaves it out (``fastlangevin.graphs``)."""
+        return {name for name in self._buffers if name != f"data_{batch}"}
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = getattr(self, f"data_{z.shape[0]}", None)
         if x is None:
