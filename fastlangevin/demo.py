@@ -30,14 +30,20 @@ QUICK = dict(base_steps=100, tilt_steps=10, batch_size=64, lr=1e-3, energy_width
 
 
 def run_demo(out_dir: str = "demo-out", data: str = "25gaussians", seed: int = 0, device: str = "cpu",
-             quick: bool = False, progress: bool = True) -> dict:
+             quick: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
     """Train the VAE and its latent EBM in ``out_dir/<data>`` (a run directory the trainer commands can read),
-    print both models' metrics, write ``out_dir/figure1_<data>.png``; returns the evaluation dict."""
+    print both models' metrics, write ``out_dir/figure1_<data>.png``; returns the evaluation dict. A run folder
+    that holds a run already is refused (ValueError, nothing written) unless ``overwrite``."""
     from fastlangevin.trainers import evaluate_run, format_evaluation, train_base, train_tilt
+    from fastlangevin.trainers.base import BaseTrainer
+    from fastlangevin.trainers.distributed import check_device
+    from fastlangevin.trainers.loop import refuse_occupied
+    from fastlangevin.trainers.run_folder import RunFolder
 
+    check_device(device)  # before anything is printed or written
     settings = QUICK if quick else TOY
     run_dir = os.path.join(out_dir, data)
-    os.makedirs(run_dir, exist_ok=True)
+    refuse_occupied(BaseTrainer, RunFolder(run_dir), resume=False, overwrite=overwrite)
     info, device_type = fl.backend_info(), torch.device(device).type
     backend = info.auto.get(device_type, "reference")
     print(f"The exponential-tilting paper's toy experiment on {data}: a VAE, then a latent EBM on it.\n"
@@ -45,14 +51,14 @@ def run_demo(out_dir: str = "demo-out", data: str = "25gaussians", seed: int = 0
     begin = time.perf_counter()
     print(f"\n[1/3] VAE, {settings['base_steps']} steps")
     train_base("vae", data, run_dir, steps=settings["base_steps"], batch_size=256, lr=1e-3, seed=seed,
-               checkpoint_every=settings["base_steps"], device=device, progress=progress)
+               checkpoint_every=settings["base_steps"], device=device, progress=progress, overwrite=overwrite)
     # Early stopping on MMD² (not the high-quality share, which rewards piling samples onto a few modes).
     stop_on = "mmd2"
     print(f"\n[2/3] latent EBM E(G(z)), {settings['tilt_steps']} steps of 60-step chains; early stopping on {stop_on}")
     tilt = train_tilt(run_dir, steps=settings["tilt_steps"], batch_size=settings["batch_size"], lr=settings["lr"],
                       energy_width=settings["energy_width"], eval_every=settings["eval_every"],
                       n_eval=settings["n_eval"], stop_on=stop_on,
-                      seed=seed, device=device, progress=progress)
+                      seed=seed, device=device, progress=progress, overwrite=overwrite)
     print(f"\n[3/3] evaluation: base and tilted samples from the same z0 (100-step chains) vs held-out data")
     n = settings["n_test"]
     figure = os.path.join(out_dir, f"figure1_{data}.png")
@@ -70,9 +76,13 @@ def run_backend_demo(out_dir: str = "demo-out", n_samples: int = 5_000, n_steps:
                      device: str = "cpu") -> dict:
     """Sample a 2-D mixture of 25 Gaussians (std 0.1, grid spacing 1) from N(0, I) starts with every available
     backend; print each chain's time and modes covered, write ``out_dir/demo_backends.png``."""
+    from fastlangevin.trainers.distributed import check_device
+
     mode_std, step_size = 0.1, 0.002  # ε·λ = 0.2 at the modes' precision λ = 1/0.1²: stable, small ULA bias
+    device = check_device(device)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r} (--seed)")
     os.makedirs(out_dir, exist_ok=True)
-    device = torch.device(device)
     means = grid_means(5, 1.0)
     energy = GaussianMixtureEnergy(means, mode_std).to(device)
     z0 = torch.randn(n_samples, 2, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -105,10 +115,9 @@ def run_backend_demo(out_dir: str = "demo-out", n_samples: int = 5_000, n_steps:
 
 
 def _plot_backends(z0, samples: dict, means, path: str) -> str | None:
+    from fastlangevin.trainers.quality import _pyplot, save_figure
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
     except ImportError:
         print("matplotlib is not installed: no PNG written (pip install matplotlib)")
         return None
@@ -119,6 +128,4 @@ def _plot_backends(z0, samples: dict, means, path: str) -> str | None:
         ax.scatter(means[:, 0], means[:, 1], s=12, c="red", marker="x")
         ax.set(xlim=(-3, 3), ylim=(-3, 3), title=title, aspect="equal")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

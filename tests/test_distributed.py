@@ -241,8 +241,10 @@ def test_setup_rejects_a_bad_environment(monkeypatch):
     with pytest.raises(ValueError, match="RANK must be an integer"):
         distributed.setup("cpu")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ValueError, match="device must be cpu or cuda"):
+    with pytest.raises(ValueError, match="device must be cpu, cuda or cuda:N, got 'meta'"):
         distributed.setup("meta")
+    with pytest.raises(ValueError, match="device must be cpu, cuda or cuda:N, got 'gpu'"):
+        distributed.setup("gpu")
 
 
 def test_init_on_global_batch_equals_the_first_training_forward():

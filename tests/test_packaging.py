@@ -143,7 +143,7 @@ def test_sampling_needs_no_extra(tmp_path):
     out = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.split(" ")[0] in
                ("RC", "ERR", "LOADED"))
     assert out["RC"] == "2"
-    assert out["ERR"].startswith("fastlangevin: this command needs ") and out["ERR"].endswith(
+    assert out["ERR"].startswith("fastlangevin: error: this command needs ") and out["ERR"].endswith(
         'pip install "fastlangevin[train]"'), out["ERR"]
     assert out["LOADED"] == "[]"
     assert not (tmp_path / "run").exists()

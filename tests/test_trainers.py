@@ -212,7 +212,7 @@ def test_tilt_samples_with_the_library_sampler(tilted_run, tmp_path, monkeypatch
     assert calls[1][1:] == (100, 0.01, "normal", None) and calls[1][0][0] == 50  # the early-stopping evaluation
     calls.clear()  # --clip-grad reaches the training, evaluation and sample/evaluate chains
     train_tilt(run, steps=1, batch_size=16, eval_every=10, n_eval=50, energy_width=8, energy_depth=1,
-               clip_grad=3.0, progress=False)
+               clip_grad=3.0, progress=False, overwrite=True)
     evaluate_run(run, n=20)
     assert [c[-1] for c in calls] == [3.0, 3.0, 3.0]
 
@@ -226,7 +226,7 @@ def test_tilt_patience_stops_early(tilted_run, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(tilted_run, run)
     metrics = train_tilt(run, steps=8, batch_size=8, n_steps=2, sample_steps=2, eval_every=1, n_eval=20,
-                         energy_width=4, energy_depth=1, patience=1, progress=False)
+                         energy_width=4, energy_depth=1, patience=1, progress=False, overwrite=True)
     assert [h["step"] for h in metrics["history"]] == [1, 2]
     assert metrics["best"]["step"] == 1 and load_checkpoint(run / "ebm_best.safetensors")["step"] == 1
 
@@ -241,7 +241,7 @@ def test_tilt_stop_on_high_quality(tilted_run, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(tilted_run, run)
     metrics = train_tilt(run, steps=3, batch_size=8, n_steps=2, sample_steps=2, eval_every=1, n_eval=20,
-                         energy_width=4, energy_depth=1, stop_on="high_quality", progress=False)
+                         energy_width=4, energy_depth=1, stop_on="high_quality", progress=False, overwrite=True)
     assert metrics["best"] == {"step": 2, "metric": "high_quality", "value": 0.5}
     assert load_checkpoint(run / "ebm_best.safetensors")["step"] == 2
     with pytest.raises(ValueError, match="stop_on"):
@@ -253,9 +253,10 @@ def test_langevin_transition_records_the_chain(tilted_run):
     from fastlangevin.trainers.base import load_base
     from fastlangevin.trainers.chains import langevin_transition
     from fastlangevin.trainers.checkpoint import read_json
-    from fastlangevin.trainers.tilt import TiltedEnergy, load_energy
-    base, config = load_base(tilted_run)
-    energy, _ = load_energy(tilted_run, base.data_shape, config["tilt"])
+    from fastlangevin.trainers.run_folder import RunFolder
+    from fastlangevin.trainers.tilt import TiltedEnergy, TiltTrainer
+    base, _ = load_base(tilted_run)
+    energy, _, _ = TiltTrainer.load(RunFolder(tilted_run), "best")
     z0 = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
     snaps = langevin_transition(TiltedEnergy(energy, base), z0, [0, 2, 5], 0.01, base.generate, seed=1)
     assert [k for k, _ in snaps] == [0, 2, 5] and all(x.shape == (6, 2) for _, x in snaps)

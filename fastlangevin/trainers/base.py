@@ -19,7 +19,6 @@ import torch
 
 from fastlangevin.models import MODELS, LatentGenerativeModel, make_model
 from fastlangevin.trainers import distributed
-from fastlangevin.trainers.checkpoint import load_checkpoint
 from fastlangevin.trainers.loop import train
 from fastlangevin.trainers.quality import plot_panels, sample_quality
 from fastlangevin.trainers.registry import register
@@ -55,15 +54,11 @@ def default_model_config(model: str, data_shape, latent_dim: int | None = None, 
 
 
 def load_base(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[LatentGenerativeModel, dict]:
-    """The trained backbone of ``run_dir`` in eval mode with frozen parameters, and the run's config (its "base"
-    section: the one the checkpoint was written with)."""
+    """The trained backbone of ``run_dir`` in eval mode (batch norms use their running statistics inside chains)
+    with frozen parameters, and the run's config (its "base" section: the one the checkpoint was written with)."""
     folder = RunFolder(run_dir)
-    section = folder.require("base", BASE_CHECKPOINT, "train a backbone first: fastlangevin train-base MODEL "
-                                                      f"--data DATA --out {folder.path}")
-    base = make_model(section["model"], **section["model_config"])
-    load_checkpoint(folder.file(BASE_CHECKPOINT), base)
-    base.to(device).eval().requires_grad_(False)  # eval: batch norms use running statistics inside chains
-    return base, {**folder.config(), "base": section}
+    base, section, _ = BaseTrainer.load(folder)
+    return base.to(device), {**folder.config(), "base": section}
 
 
 @dataclasses.dataclass
@@ -85,6 +80,10 @@ class BaseTrainer(Trainer):
     Maximum likelihood (VAE: the ELBO) with Adam, the batches a function of (seed, step)."""
 
     Settings, section, checkpoint, log_every = BaseSettings, "base", BASE_CHECKPOINT, 50
+
+    @classmethod
+    def model_for(cls, folder, section: dict, checkpoint: str):
+        return make_model(section["model"], **section["model_config"])
 
     def build(self) -> None:
         from fastlangevin.data import TOY_DATASETS

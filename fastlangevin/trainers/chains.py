@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import fastlangevin as fl
 
@@ -74,7 +75,14 @@ class Chains:
 
     def __call__(self, which: str, step: int, energy, z0: torch.Tensor, n_steps: int, step_size: float, *,
                  prior="normal", seed: int, clip_grad: float | None = None, timed: bool = True) -> torch.Tensor:
-        """z_K of the ``which`` chain ("prior", "posterior", …) of training iteration ``step``."""
+        """z_K of the ``which`` chain ("prior", "posterior", …) of training iteration ``step``. The papers sample
+        with their generators in eval mode: an energy with a batch norm in training mode is refused (the chain would
+        normalise each sample with its batch and overwrite the running statistics at every step)."""
+        if isinstance(energy, torch.nn.Module):
+            training = [name for name, m in energy.named_modules() if isinstance(m, _BatchNorm) and m.training]
+            if training:
+                raise ValueError(f"{self.command}: the {which} chain's energy has batch norms in training mode "
+                                 f"({training[0]}, ...); put the model it reads through in eval mode")
         hint = "lower the learning rates or the chain's step size"
         try:
             with self.timer if timed else contextlib.nullcontext():

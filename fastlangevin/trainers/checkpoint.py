@@ -18,7 +18,11 @@ from fastlangevin._io import atomic_write_bytes
 META_KEY = "fastlangevin"
 
 
-class CheckpointError(ValueError):
+class RunFileError(ValueError):
+    """A run-folder file that cannot be read; the message names the file."""
+
+
+class CheckpointError(RunFileError):
     """A checkpoint that cannot be read (truncated, not safetensors, or not fastlangevin's); names the file."""
 
 
@@ -47,8 +51,13 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def read_json(path: str | os.PathLike):
-    with open(path) as f:
-        return json.load(f)
+    """The JSON in ``path``; a file that is not JSON raises ``RunFileError`` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunFileError(f"{os.fspath(path)} is not valid JSON ({error}); it was edited or written by another "
+                           f"program: restore it, or delete it and train again") from None
 
 
 def _optimizer_to_flat(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

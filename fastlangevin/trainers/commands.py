@@ -10,15 +10,36 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import os
 
 from fastlangevin.trainers import registry, settings
+from fastlangevin.trainers.distributed import check_device
 from fastlangevin.trainers.loop import RunOptions, train
 from fastlangevin.trainers.run_folder import RunFolder
+from fastlangevin.trainers.settings import setting
 
 GROUPS = {"train-prior": "learn a generator with a latent-space EBM prior by maximum likelihood (posterior and "
                          "prior Langevin chains)"}
+
+
+@dataclasses.dataclass
+class DrawOptions:
+    """The options of ``sample`` and ``evaluate``."""
+
+    n: int | None = setting(None, "samples (default: sample 2000, evaluate 5000)", low=2)
+    seed: int | None = setting(None, "random seed of the draws (default: sample 0, evaluate 123)", low=0)
+    n_steps: int | None = setting(None, "Langevin steps (default: the run's)", low=0)
+    which: str = setting("best", "the best model (by the run's validation metric) or the last",
+                         choices=("best", "last"))
+    device: str = setting("cpu", "cpu, cuda or cuda:N")
+
+    def __post_init__(self):
+        check_device(self.device)
+
+
+DRAW_DEFAULTS = {"sample": dict(n=2000, seed=0), "evaluate": dict(n=5000, seed=123)}
 
 
 def add_commands(subparsers) -> None:
@@ -40,17 +61,12 @@ def add_commands(subparsers) -> None:
         settings.add_options(parser, trainer.Settings)
         settings.add_options(parser.add_argument_group("how it runs"), RunOptions)
         parser.set_defaults(run=_train, trainer=trainer)
-    for name, helptext, n in (("sample", "draw from a run's model(s); write the run's sample figures", 2000),
-                              ("evaluate", "a run's sample quality against the test split -> evaluation.json",
-                               5000)):
-        p = subparsers.add_parser(name, help=helptext, description=helptext)
-        p.add_argument("run_dir")
-        p.add_argument("--n", type=int, default=n, help=f"samples (default {n})")
-        p.add_argument("--seed", type=int, default=0 if name == "sample" else 123)
-        p.add_argument("--n-steps", type=int, default=None, help="Langevin steps (default: the run's)")
-        p.add_argument("--which", choices=("best", "last"), default="best", help="the best or the last model")
-        p.add_argument("--device", default="cpu")
-        p.set_defaults(run=_sample if name == "sample" else _evaluate)
+    for name, helptext in (("sample", "draw from a run's model(s); write the run's sample figures"),
+                           ("evaluate", "a run's sample quality against the test split -> evaluation.json")):
+        parser = subparsers.add_parser(name, help=helptext, description=helptext)
+        parser.add_argument("run_dir")
+        settings.add_options(parser, DrawOptions)
+        parser.set_defaults(run=_sample if name == "sample" else _evaluate)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -73,19 +89,27 @@ def trainer_of_run(run_dir: str, need: str):
                             f"has {', '.join(config) or 'nothing'})")
 
 
-def _draw_options(args: argparse.Namespace) -> dict:
-    return dict(n=args.n, seed=args.seed, n_steps=args.n_steps, which=args.which, device=args.device)
+def _draw_options(args: argparse.Namespace, command: str) -> dict:
+    """The checked options of ``sample`` / ``evaluate``, their defaults filled in."""
+    options = settings.make_settings(DrawOptions, settings.given_values(args, DrawOptions), f"fastlangevin {command}")
+    return {k: DRAW_DEFAULTS[command].get(k) if v is None and k in DRAW_DEFAULTS[command] else v
+            for k, v in dataclasses.asdict(options).items()}
 
 
 def _sample(args: argparse.Namespace) -> None:
-    path = trainer_of_run(args.run_dir, "sample_run").sample_run(args.run_dir, **_draw_options(args))
+    options = _draw_options(args, "sample")
+    trainer = trainer_of_run(args.run_dir, "sample_run")
+    RunFolder(args.run_dir).clean()
+    path = trainer.sample_run(args.run_dir, **options)
     if path:
         print(f"wrote {path}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    options = _draw_options(args, "evaluate")
     trainer = trainer_of_run(args.run_dir, "evaluate_run")
-    print(trainer.format_evaluation(trainer.evaluate_run(args.run_dir, **_draw_options(args))))
+    RunFolder(args.run_dir).clean()
+    print(trainer.format_evaluation(trainer.evaluate_run(args.run_dir, **options)))
 
 
 def run(args: argparse.Namespace) -> bool:

@@ -163,21 +163,33 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer (torchrun sets it), got {value!r}") from None
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device the trainers run on (cpu, cuda or cuda:N, with CUDA present); ValueError
+    otherwise."""
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if checked.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    if checked.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {checked} was asked for but CUDA is not available here; use --device cpu")
+    if checked.type == "cuda" and checked.index is not None and checked.index >= torch.cuda.device_count():
+        raise ValueError(f"device {checked} was asked for but there are {torch.cuda.device_count()} CUDA devices")
+    return checked
+
+
 def setup(device: str | torch.device = "cpu") -> DistributedContext:
     """The context of this process: under ``torchrun`` (WORLD_SIZE > 1) joins the process group (gloo for a CPU
     ``device``, nccl for CUDA, where the device becomes ``cuda:LOCAL_RANK``); otherwise one process, no group."""
-    device = torch.device(device)
+    device = check_device(device)
     world_size, rank, local_rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"RANK must be in [0, WORLD_SIZE), got RANK={rank}, WORLD_SIZE={world_size}")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device} was asked for but CUDA is not available here; use --device cpu")
         if world_size > 1:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise ValueError(f"device must be cpu or cuda, got {device}")
     if world_size == 1:
         return DistributedContext(0, 1, 0, device)
     if not dist.is_initialized():

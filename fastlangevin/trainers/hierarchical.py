@@ -142,6 +142,10 @@ class GaussianTrainer(Trainer):
     Settings, section, checkpoint = GaussianSettings, "vae", VAE_CHECKPOINT
     log_every, shown, figures = 50, ("loss", "kl"), True
 
+    @classmethod
+    def model_for(cls, folder, section: dict, checkpoint: str) -> HierarchicalVAE:
+        return HierarchicalVAE(**section["model_config"])
+
     def build(self) -> None:
         settings = self.settings
         self.test_set = self.dataset("test")

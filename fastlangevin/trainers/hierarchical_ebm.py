@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 
 import torch
 from torch import nn
 
+from fastlangevin._io import atomic_write_bytes
 from fastlangevin.models.hierarchical import EpsilonEnergy, HierarchicalVAE, JointEBMPrior, VARIANTS
 from fastlangevin.trainers.checkpoint import load_checkpoint
 from fastlangevin.trainers.hierarchical import VAE_CHECKPOINT, GaussianTrainer, VAESettings, VAEStage, check_finite, \
@@ -101,6 +101,11 @@ class JointTrainer(Trainer):
     log_every, shown, batch_stream = 10, ("loss", "energy_gap"), 1
 
     @classmethod
+    def model_for(cls, folder, section: dict, checkpoint: str) -> nn.ModuleDict:
+        vae = HierarchicalVAE(**folder.section("vae", checkpoint)["model_config"])
+        return nn.ModuleDict({"vae": vae, "ebm": JointEBMPrior(**section["prior_config"])})
+
+    @classmethod
     def upgrade(cls, section: dict) -> dict:
         """Before the one training loop, the section named the EBMs' size only in ``prior_config`` and ``lr_g`` was
         the joint scheme's VAE lr."""
@@ -121,15 +126,16 @@ class JointTrainer(Trainer):
         settings, folder, options = self.settings, self.folder, self.options
         stage = dict(device=options.device, progress=options.progress)
         if options.resume and self.saved is None:
-            if "init_from" not in folder.section("vae", VAE_CHECKPOINT):
+            if "init_from" not in folder.config().get("vae", {}):  # (the checkpoint's own section is its source's)
                 train(VAEStage, folder.path, resume=True, **stage)
         elif self.saved is None and settings.init_from is None:
-            train(VAEStage, folder.path, **stage, **settings.stage_values())
+            train(VAEStage, folder.path, overwrite=options.overwrite, **stage, **settings.stage_values())
         elif self.saved is None:
             if self.ctx.is_main:
-                adopt_vae(settings.init_from, folder)
+                adopt_vae(settings.init_from, folder, settings.data)
             self.ctx.barrier()  # the others read what rank 0 wrote
-        self.vae_config = folder.section("vae", VAE_CHECKPOINT)
+        # the VAE section a resumed checkpoint was trained with (it holds the VAE's weights too), else the stage's
+        self.vae_config = folder.section("vae", EBM_CHECKPOINT if self.saved is not None else VAE_CHECKPOINT)
         if self.vae_config["data"] != settings.data:
             raise ValueError(f"data: the VAE of {folder.path} was trained on {self.vae_config['data']!r}, not "
                              f"{settings.data!r}")
@@ -212,6 +218,9 @@ class JointTrainer(Trainer):
     def architecture(self) -> dict:
         return {"prior_config": self.ebm.config, "ebm_param_count": sum(p.numel() for p in self.ebm.parameters())}
 
+    def companions(self) -> dict:
+        return {"vae": self.vae_config}  # the checkpoint holds the VAE too: it loads on its own
+
     def summary(self, state, last: dict) -> dict:
         final = state.history[-1] if state.history else {}
         return {"energy_gap": final.get("energy_gap"), "sample_quality": final.get("sample_quality"),
@@ -222,27 +231,25 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[Hierarchi
     """The run's VAE and (after ``joint``) EBM prior, frozen, and its config."""
     folder = RunFolder(run_dir)
     config = folder.config()
-    config["vae"] = folder.require("vae", VAE_CHECKPOINT, f"train one first: fastlangevin train-prior gaussian "
-                                                          f"--data DATA --out {run_dir}")
-    vae, ebm = HierarchicalVAE(**config["vae"]["model_config"]), None
-    if folder.has(EBM_CHECKPOINT):
-        config["ebm"] = JointTrainer.upgrade(folder.section("ebm", EBM_CHECKPOINT))
-        ebm = JointEBMPrior(**config["ebm"]["prior_config"])
-        load_checkpoint(folder.file(EBM_CHECKPOINT), nn.ModuleDict({"vae": vae, "ebm": ebm}))
-        ebm.to(device).eval().requires_grad_(False)
-    else:
-        load_checkpoint(folder.file(VAE_CHECKPOINT), vae)
-    return vae.to(device).eval().requires_grad_(False), ebm, config
+    if folder.has(EBM_CHECKPOINT):  # VAE and EBMs, with the VAE section they were trained with
+        both, config["ebm"], _ = JointTrainer.load(folder)
+        config["vae"] = folder.section("vae", EBM_CHECKPOINT)
+        return both["vae"].to(device), both["ebm"].to(device), config
+    vae, config["vae"], _ = GaussianTrainer.load(folder)
+    return vae.to(device), None, config
 
 
-def adopt_vae(init_from: str | os.PathLike, folder: RunFolder) -> None:
-    """Copy a gaussian run's VAE (weights, then config) into ``folder``: the joint run starts from the same
-    generator."""
+def adopt_vae(init_from: str | os.PathLike, folder: RunFolder, data: str) -> None:
+    """Copy a gaussian run's VAE, trained on ``data``, into ``folder`` (the weights atomically, then the config):
+    the joint run starts from the same generator. Nothing is written when the source does not fit."""
     source = RunFolder(init_from)
     section = source.require("vae", VAE_CHECKPOINT, "--init-from takes a `fastlangevin train-prior gaussian` run")
+    if section["data"] != data:
+        raise ValueError(f"data: the VAE of {source.path} was trained on {section['data']!r}, not {data!r}")
     if os.path.abspath(source.path) != os.path.abspath(folder.path):
         os.makedirs(folder.path, exist_ok=True)
-        shutil.copyfile(source.file(VAE_CHECKPOINT), folder.file(VAE_CHECKPOINT))
+        with open(source.file(VAE_CHECKPOINT), "rb") as f:
+            atomic_write_bytes(folder.file(VAE_CHECKPOINT), f.read())
     folder.write_config("vae", {**section, "init_from": os.fspath(init_from)})
 
 

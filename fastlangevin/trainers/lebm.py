@@ -34,7 +34,7 @@ import torch
 from fastlangevin.models.lebm import PRIOR_MODELS, PosteriorEnergy, make_prior_model
 from fastlangevin.trainers.chains import langevin_transition
 from fastlangevin.trainers.loop import train
-from fastlangevin.trainers.quality import _pyplot, plot_panels, plot_transition, sample_quality
+from fastlangevin.trainers.quality import _pyplot, plot_panels, plot_transition, sample_quality, save_figure
 from fastlangevin.trainers.registry import register
 from fastlangevin.trainers.settings import setting
 from fastlangevin.trainers.shared import ChainSettings, DataSettings, SeedSettings, transition_steps
@@ -95,6 +95,10 @@ class LEBMTrainer(Trainer):
     See the module docstring; the subclasses below are its variational and 2-layer variants."""
 
     Settings, section, checkpoint, shown = PriorSettings, "prior", CHECKPOINT, ("loss", "energy_gap")
+
+    @classmethod
+    def model_for(cls, folder, section: dict, checkpoint: str):
+        return make_prior_model(section["model"], **section["model_config"])
 
     @classmethod
     def preset(cls) -> dict:
@@ -246,9 +250,7 @@ class LEBMTrainer(Trainer):
                 ax.set_title(f"{title}: z{row + 1}" if len(layers) > 1 else title, fontsize=9)
                 ax.set_aspect("equal", adjustable="datalim")
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return os.fspath(path)
+        return save_figure(fig, path)
 
     def architecture(self) -> dict:
         return {"model_config": self.model.config}

@@ -1,4 +1,5 @@
-"""Watching a run: its progress on stderr, and early stopping on sample quality."""
+"""Watching a run: its progress on stderr, its metrics as they come (metrics.jsonl, and TensorBoard where the
+``tensorboard`` package is installed), and early stopping on sample quality."""
 
 from __future__ import annotations
 
@@ -71,6 +72,40 @@ def check_stop_metric(stop_on: str, val_set) -> None:
     if stop_on == "frechet_distance" and len(val_set.sample_shape) != 3:
         raise ValueError(f"stop_on='frechet_distance' needs image data, not {val_set.name}; use 'mmd2' or "
                          f"'energy_distance'")
+
+
+class MetricsLog:
+    """Each history entry of a run, as it is made: a line of RUN/metrics.jsonl ({"stage", "run", "step", …}; a crash
+    loses nothing) and, when ``tensorboard`` is importable (it is optional), its numbers as TensorBoard scalars under
+    RUN/tensorboard/<stage> (nested keys joined by "/")."""
+
+    def __init__(self, folder, stage: str, run: str, tensorboard: bool = True):
+        self.folder, self.stage, self.run, self.writer = folder, stage, run, None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is not installed: the JSONL file alone
+                return
+            self.writer = SummaryWriter(folder.file(os.path.join("tensorboard", stage)))
+
+    def add(self, entry: dict) -> None:
+        self.folder.log({"stage": self.stage, "run": self.run, **entry})
+        if self.writer is not None:
+            for tag, value in _scalars(entry):
+                self.writer.add_scalar(tag, value, entry["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _scalars(entry: dict, prefix: str = ""):
+    for key, value in entry.items():
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            yield prefix + key, value
 
 
 class EarlyStopping:

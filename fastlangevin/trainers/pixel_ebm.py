@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from fastlangevin.trainers.chains import run_chain
-from fastlangevin.trainers.checkpoint import load_checkpoint, write_json
+from fastlangevin.trainers.checkpoint import write_json
 from fastlangevin.trainers.energy_nets import make_energy
 from fastlangevin.trainers.loop import train
 from fastlangevin.trainers.monitor import check_stop_metric
@@ -162,6 +162,14 @@ class PixelEBMTrainer(Trainer):
     Settings, section, checkpoint, best_checkpoint = PixelSettings, "pixel_ebm", PIXEL_LAST, PIXEL_BEST
     shown, batch_stream = ("loss", "energy_gap"), 1
 
+    @classmethod
+    def model_for(cls, folder, section: dict, checkpoint: str) -> PixelEBM:
+        shape = section.get("image_shape")
+        if shape is None:  # written before the section held it
+            from fastlangevin.data import make_dataset
+            shape = make_dataset(section["data"], section["data_dir"], "test", seed=section["seed"]).sample_shape
+        return PixelEBM(shape, *(section[k] for k in ("energy_width", "energy_depth", "buffer_size", "reinit", "seed")))
+
     def build(self) -> None:
         settings = self.settings
         self.model = PixelEBM(self.train_set.sample_shape, settings.energy_width, settings.energy_depth,
@@ -225,7 +233,8 @@ class PixelEBMTrainer(Trainer):
                     self.folder.file("pixel_ebm_samples.png"))
 
     def architecture(self) -> dict:
-        return {"energy": type(self.model.energy).__name__}
+        return {"energy": type(self.model.energy).__name__, "image_shape": list(self.train_set.sample_shape)}
+
 
 
 def train_pixel_ebm(data: str, out: str | os.PathLike, **settings) -> dict:
@@ -237,15 +246,8 @@ def train_pixel_ebm(data: str, out: str | os.PathLike, **settings) -> dict:
 def load_pixel_ebm(run_dir: str | os.PathLike, which: str = "best", device: str = "cpu"):
     """The run's PixelEBM (``which="best"``, falling back to the last, or ``"last"``) in eval mode with frozen
     parameters, its settings and the checkpoint's metadata."""
-    from fastlangevin.data import make_dataset
-    folder = RunFolder(run_dir)
-    name = PIXEL_BEST if which == "best" and folder.has(PIXEL_BEST) else PIXEL_LAST
-    settings = folder.require("pixel_ebm", name, f"train one first: fastlangevin train-pixel-ebm --data DATA "
-                                                 f"--out {run_dir}")
-    shape = make_dataset(settings["data"], settings["data_dir"], "test", seed=settings["seed"]).sample_shape
-    model = PixelEBM(shape, *(settings[k] for k in ("energy_width", "energy_depth", "buffer_size", "reinit", "seed")))
-    meta = load_checkpoint(folder.file(name), model)
-    return model.to(device).eval().requires_grad_(False), settings, meta
+    model, settings, meta = PixelEBMTrainer.load(RunFolder(run_dir), which)
+    return model.to(device), settings, meta
 
 
 def _draw_pixel(run_dir, n: int, seed: int, n_steps: int | None, which: str, device: str):

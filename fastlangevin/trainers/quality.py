@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import torch
+
+from fastlangevin._io import atomic_write_bytes
 
 from fastlangevin.metrics import default_bandwidths, energy_distance, mmd2, mode_coverage
 
@@ -52,6 +55,16 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | os.PathLike) -> str:
+    """Write the matplotlib figure ``fig`` as a PNG at ``path`` atomically (a killed run leaves the previous figure,
+    never a torn one), close it, and return the path."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return os.fspath(path)
+
+
 def image_grid(x: torch.Tensor, n_cols: int = 8):
     """(N, C, H, W) in [0, 1] → an (rows·H, n_cols·W, C) numpy array (C squeezed for grey)."""
     x = x.detach().cpu().float().clamp(0, 1)[: n_cols * max(1, min(8, x.shape[0] // n_cols))]
@@ -87,9 +100,7 @@ def plot_panels(panels: list[tuple[str, torch.Tensor]], path: str | os.PathLike,
             ax.axis("off")
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return os.fspath(path)
+    return save_figure(fig, path)
 
 
 def plot_transition(snapshots: list[tuple[int, torch.Tensor]], path: str | os.PathLike, what: str,

@@ -20,6 +20,7 @@ what it learns).
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import math
 import numbers
@@ -27,6 +28,32 @@ import types
 import typing
 
 RESUME = ("run", "extend", "invocation")
+
+
+class LazyChoices(collections.abc.Sequence):
+    """Choices computed on first use, e.g. ``LazyChoices(lambda: fastlangevin.data.DATASETS)``: building the command
+    line does not import what lists them (the data sets import scikit-learn); checking a value, an error message or
+    ``--help`` does. Give the setting a ``metavar`` (argparse's usage line would list the choices)."""
+
+    def __init__(self, compute):
+        self._compute, self._values = compute, None
+
+    def _get(self) -> tuple:
+        if self._values is None:
+            self._values = tuple(self._compute())
+        return self._values
+
+    def __getitem__(self, index):
+        return self._get()[index]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __contains__(self, value) -> bool:
+        return value in self._get()
+
+    def __repr__(self) -> str:
+        return repr(self._get())
 
 
 def setting(default, help: str, *, low=None, above=None, high=None, below=None, choices=None,
@@ -40,7 +67,7 @@ def setting(default, help: str, *, low=None, above=None, high=None, below=None, 
     if resume not in RESUME:
         raise ValueError(f"resume must be one of {RESUME}, got {resume!r}")
     meta = dict(help=help, low=low, above=above, high=high, below=below,
-                choices=None if choices is None else tuple(choices),
+                choices=choices if choices is None or isinstance(choices, LazyChoices) else tuple(choices),
                 required=required, resume=resume, cli=cli, positional=positional, metavar=metavar,
                 exclusive=exclusive)
     if isinstance(default, (list, dict)):

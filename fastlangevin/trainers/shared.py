@@ -9,15 +9,22 @@ import math
 import torch
 
 from fastlangevin.trainers.chains import SAMPLERS
-from fastlangevin.trainers.settings import setting
+from fastlangevin.trainers.settings import LazyChoices, setting
+
+
+def _datasets() -> tuple[str, ...]:
+    from fastlangevin.data import DATASETS
+    return DATASETS
 
 
 @dataclasses.dataclass
 class DataSettings:
     """The data set a trainer learns from (``Trainer.dataset``); ``epochs`` sets the trainer's ``steps``."""
 
-    data: str = setting(None, "25gaussians, swissroll, digits, mnist, fashion-mnist, cifar10", required=True)
-    data_dir: str | None = setting(None, "folder of the mnist / fashion-mnist / cifar10 files (nothing is downloaded)")
+    data: str = setting(None, "the data set: %(choices)s (fastlangevin.data.DATASETS)", required=True,
+                        choices=LazyChoices(_datasets), metavar="DATA")
+    data_dir: str | None = setting(None, "folder of the mnist / fashion-mnist / cifar10 files (nothing is downloaded; "
+                                         "fashion-mnist and fashion5k default to Debian's /usr/share/datasets)")
     n_train: int | None = setting(None, "keep the first N training samples (toys: draw N; default 10000)", low=1)
     classes: list[int] | None = setting(None, "keep only these labels (image data sets)", low=0)
     epochs: float | None = setting(None, "passes over the training set (instead of --steps)", above=0,
@@ -36,14 +43,12 @@ class ChainSettings:
 
 
 def validation_set(source: dict, n: int):
-    """Held-out data for early stopping, kept apart from the test split that ``evaluate`` reports on: an
-    independent draw for toys, the last n training samples for the other data sets. ``source``: ``data``,
-    ``data_dir``, ``seed`` (a trainer's ``data_source()``)."""
-    from fastlangevin.data import TOY_DATASETS, make_dataset
-    if source["data"] in TOY_DATASETS:
-        return make_dataset(source["data"], split="test", seed=source["seed"] + 1, n_samples=n)
-    train = make_dataset(source["data"], source["data_dir"], "train", seed=source["seed"])
-    return train.subset(slice(max(0, len(train) - n), None))
+    """Held-out data for early stopping: the data set's validation split (disjoint from the training split the
+    batches come from and from the test split that ``evaluate`` reports on; for toys an independent draw), at most n
+    samples. ``source``: ``data``, ``data_dir``, ``seed``, ``classes`` (a trainer's ``data_source()``)."""
+    from fastlangevin.data import make_dataset
+    return make_dataset(source["data"], source["data_dir"], "validation", seed=source["seed"], n_samples=n,
+                        classes=source.get("classes"))
 
 
 def contrastive_step(ctx, energy_loss, optimizer, x_pos: torch.Tensor, x_neg: torch.Tensor, reg: float,

@@ -28,9 +28,9 @@ import os
 import torch
 from torch import nn
 
-from fastlangevin.trainers.base import load_base
+from fastlangevin.trainers.base import BASE_CHECKPOINT, load_base
 from fastlangevin.trainers.chains import langevin_transition, run_chain
-from fastlangevin.trainers.checkpoint import load_checkpoint, write_json
+from fastlangevin.trainers.checkpoint import CheckpointError, write_json
 from fastlangevin.trainers.energy_nets import make_energy
 from fastlangevin.trainers.loop import train
 from fastlangevin.trainers.monitor import STOP_ON, check_stop_metric
@@ -97,14 +97,19 @@ class TiltTrainer(Trainer):
     The module docstring says how."""
 
     Settings, section, checkpoint, best_checkpoint = TiltSettings, "tilt", EBM_LAST, EBM_BEST
-    folder_option, shown, batch_stream = "run_dir", ("loss", "energy_gap"), 1
+    folder_option, shown, batch_stream, inputs = "run_dir", ("loss", "energy_gap"), 1, ("base",)
+
+    @classmethod
+    def model_for(cls, folder, section: dict, checkpoint: str):
+        shape = section.get("data_shape") or folder.section("base", BASE_CHECKPOINT)["model_config"]["data_shape"]
+        return make_energy(shape, section["energy_width"], section["energy_depth"])
 
     def prepare(self) -> None:
         self.base, config = load_base(self.folder.path, self.device)
         self.base_config = config["base"]
 
     def data_source(self) -> dict:
-        return {k: self.base_config[k] for k in ("data", "data_dir", "seed", "n_train")}
+        return {k: self.base_config.get(k) for k in ("data", "data_dir", "seed", "n_train", "classes")}
 
     def build(self) -> None:
         settings = self.settings
@@ -144,7 +149,10 @@ class TiltTrainer(Trainer):
         return quality
 
     def architecture(self) -> dict:
-        return {"energy": type(self.model).__name__}
+        return {"energy": type(self.model).__name__, "data_shape": list(self.base.data_shape)}
+
+    def companions(self) -> dict:
+        return {"base": self.base_config}  # the backbone the energy was trained on
 
     def summary(self, state, last: dict) -> dict:
         return {"positives": self.settings.positives}
@@ -156,25 +164,17 @@ def train_tilt(run_dir: str | os.PathLike, **settings) -> dict:
     return train(TiltTrainer, run_dir, **settings)
 
 
-def _energy_checkpoint(run_dir, which: str) -> str:
-    """ebm_best (falling back to the last) for ``which="best"``, else the last."""
-    return EBM_BEST if which == "best" and RunFolder(run_dir).has(EBM_BEST) else EBM_LAST
-
-
-def load_energy(run_dir, data_shape, tilt_config: dict, which: str = "best", device="cpu"):
-    """The run's energy: ``which="best"`` (ebm_best, falling back to the last) or ``"last"``; frozen, eval mode."""
-    energy = make_energy(data_shape, tilt_config["energy_width"], tilt_config["energy_depth"])
-    meta = load_checkpoint(os.path.join(run_dir, _energy_checkpoint(run_dir, which)), energy)
-    return energy.to(device).eval().requires_grad_(False), meta
-
-
 def _load_tilted(run_dir, which: str, device: str):
-    """The run's frozen backbone and tilted energy: (base, TiltedEnergy, config, energy checkpoint metadata)."""
+    """The run's frozen backbone and tilted energy: (base, TiltedEnergy, config, energy checkpoint metadata); an
+    energy trained on another backbone than the run's (``train-base`` ran again since) is refused."""
+    folder = RunFolder(run_dir)
     base, config = load_base(run_dir, device)
-    config["tilt"] = RunFolder(run_dir).require("tilt", _energy_checkpoint(run_dir, which),
-                                                f"train the latent EBM first: fastlangevin tilt {run_dir}")
-    energy, meta = load_energy(run_dir, base.data_shape, config["tilt"], which, device)
-    return base, TiltedEnergy(energy, base), config, meta
+    energy, config["tilt"], meta = TiltTrainer.load(folder, which)
+    trained_on = meta.get("extra", {}).get("config", {}).get("base")
+    if trained_on is not None and trained_on != config["base"]:
+        raise CheckpointError(f"{folder.file(TiltTrainer.checkpoint)} was trained on another backbone than "
+                              f"{folder.file(BASE_CHECKPOINT)} (trained again since); run the tilt again")
+    return base, TiltedEnergy(energy.to(device), base), config, meta
 
 
 def _draw(tilted: TiltedEnergy, tilt_config: dict, n: int, seed: int, n_steps: int | None, device: str):

@@ -9,6 +9,7 @@ import torch
 
 from fastlangevin.trainers import distributed
 from fastlangevin.trainers.chains import Chains
+from fastlangevin.trainers.checkpoint import load_checkpoint
 from fastlangevin.trainers.monitor import EarlyStopping
 from fastlangevin.trainers.run_folder import RunFolder
 
@@ -32,10 +33,13 @@ class Trainer:
     ``folder_option``  "--out" (the command makes the run folder) or "run_dir" (an existing run, positional)
     ``log_every``      history entries every this many steps besides evaluations (None: at evaluations only)
     ``shown``          the step values on the progress bar
+    ``inputs``         the config sections of other stages whose models it reads and its checkpoint does not hold
+                       (a tilt reads the backbone): retraining those stages would leave it stale
 
-    and implements ``build`` and ``step`` (and, where it has them, ``prepare``, ``begin``, ``evaluate``, ``describe``,
-    ``finish``, ``architecture``, ``summary``). ``build`` sets ``self.model`` (the module checkpoints hold) and
-    ``self.optimizer``; chain energies are built there too, once per run, and reused every iteration.
+    and implements ``build``, ``step`` and ``model_for`` (and, where it has them, ``prepare``, ``begin``,
+    ``evaluate``, ``describe``, ``finish``, ``architecture``, ``companions``, ``summary``). ``build`` sets
+    ``self.model`` (the module checkpoints hold) and ``self.optimizer``; chain energies are built there too, once
+    per run, and reused every iteration.
     """
 
     command: str  # set by ``register``
@@ -47,6 +51,7 @@ class Trainer:
     log_every: int | None = None
     shown: tuple[str, ...] = ("loss",)
     batch_stream = 0  # batches are drawn with seed + batch_stream (kept per trainer: runs stay reproducible)
+    inputs: tuple[str, ...] = ()
 
     def __init__(self, settings, ctx: distributed.DistributedContext, folder: RunFolder, saved: dict | None,
                  options):
@@ -74,6 +79,22 @@ class Trainer:
     def upgrade(cls, section: dict) -> dict:
         """A config section as an earlier version wrote it, in today's layout."""
         return section
+
+    @classmethod
+    def model_for(cls, folder: RunFolder, section: dict, checkpoint: str) -> torch.nn.Module:
+        """The module ``checkpoint`` holds, built from the config ``section`` it was written with."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, folder: RunFolder, which: str = "last") -> tuple[torch.nn.Module, dict, dict]:
+        """The trained model of ``folder`` (``which``: "last", or "best" falling back to the last) in eval mode with
+        frozen parameters, the config section it was written with, and the checkpoint's metadata."""
+        name = cls.best_checkpoint if which == "best" and cls.best_checkpoint and folder.has(cls.best_checkpoint) \
+            else cls.checkpoint
+        section = cls.upgrade(folder.require(cls.section, name, f"train it first: fastlangevin {cls.command}"))
+        model = cls.model_for(folder, section, name)
+        meta = load_checkpoint(folder.file(name), model)
+        return model.eval().requires_grad_(False), section, meta
 
     @classmethod
     def resume_section(cls, folder: RunFolder) -> dict | None:
@@ -113,6 +134,10 @@ class Trainer:
 
     def architecture(self) -> dict:
         """What config.json keeps beside the settings to rebuild the model (e.g. ``{"model_config": ...}``)."""
+        return {}
+
+    def companions(self) -> dict:
+        """Other stages' config sections the checkpoints record beside this one's (the models it was trained on)."""
         return {}
 
     def summary(self, state, last: dict) -> dict:
