@@ -25,6 +25,7 @@ import os
 import torch
 
 from fastlangevin import _ext
+from fastlangevin.ops import codes
 
 logger = logging.getLogger("fastlangevin")
 
@@ -179,6 +180,54 @@ def fused_chain_backend(step_backend: str) -> tuple[str | None, str]:
     return step_backend, "fused"
 
 
+# Caps the CPU's bfloat16 matrix unit (e.g. to test a lower one on a machine that has AMX): amx_bf16 (default: the
+# best there is), avx512_bf16, or vector (the float32 kernel on the bfloat16 weights, upcast).
+MATRIX_UNIT_ENV = "FASTLANGEVIN_MATRIX_UNIT"
+_BF16_UNITS = ("amx_bf16", "avx512_bf16")  # best first
+_BF16_TAGS = {"amx_bf16": "bf16-amx", "avx512_bf16": "bf16-avx512bf16", "vector": "bf16-fp32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Bf16Chain:
+    """How a fused chain of a bfloat16 energy runs on a backend. ``tag``: what ``info.backend`` appends to
+    ``"<backend>:fused"``: ``bf16-amx`` (AMX tiles), ``bf16-avx512bf16`` (AVX512-BF16 dot products), ``bf16-dot``
+    (Triton ``tl.dot`` on bfloat16, tensor cores on a GPU), or ``bf16-fp32`` (no bfloat16 unit: the float32 kernel
+    on the bfloat16 weights upcast). ``matrix_unit``: the CPU code (``codes.MATRIX_UNITS``); ``reason``: why not a
+    better unit ("" when the best one runs)."""
+
+    tag: str
+    matrix_unit: int
+    reason: str
+
+    @property
+    def upcast(self) -> bool:
+        return self.tag == "bf16-fp32"
+
+
+def bf16_chain(chain_backend: str) -> Bf16Chain:
+    """How the fused chain ``chain_backend`` ("cpu" or "triton") runs a bfloat16 energy here. Triton: ``tl.dot`` on
+    bfloat16 operands. On the CPU: the best bfloat16 unit the CPU, the OS and the build allow, capped by
+    ``FASTLANGEVIN_MATRIX_UNIT``, else the float32 kernel on upcast weights. Raises ``ValueError`` for an unknown ``FASTLANGEVIN_MATRIX_UNIT``."""
+    if chain_backend == "triton":
+        return Bf16Chain("bf16-dot", codes.MATRIX_VECTOR, "")
+    cap = os.environ.get(MATRIX_UNIT_ENV, "").strip().lower() or _BF16_UNITS[0]
+    if cap not in codes.MATRIX_UNITS:
+        raise ValueError(f"{MATRIX_UNIT_ENV} must be one of {', '.join(codes.MATRIX_UNITS)} or unset, got {cap!r}")
+    module = _ext.require_cpu()
+    status = module.matrix_units() if hasattr(module, "matrix_units") else {
+        name: "the C++ extension predates the bfloat16 units (rebuild: pip install -e .)" for name in _BF16_UNITS}
+    allowed = _BF16_UNITS[_BF16_UNITS.index(cap):] if cap in _BF16_UNITS else ()
+    skipped = []
+    for name in _BF16_UNITS:
+        if name not in allowed:
+            skipped.append(f"{name}: {MATRIX_UNIT_ENV}={cap}")
+        elif status[name]:
+            skipped.append(f"{name}: {status[name]}")
+        else:
+            return Bf16Chain(_BF16_TAGS[name], codes.MATRIX_UNITS[name], "; ".join(skipped))
+    return Bf16Chain(_BF16_TAGS["vector"], codes.MATRIX_VECTOR, "; ".join(skipped))
+
+
 def note_fallback(what: str, used: str, why: str) -> None:
     """Record (and log once) that ``what`` runs on ``used`` instead of the preferred path, and ``why``."""
     key = (what, used, why)
@@ -197,6 +246,8 @@ class BackendInfo:
     fallbacks: list[str]
     extension: dict
     fused_chain: dict[str, str] = dataclasses.field(default_factory=dict)  # device type -> fused chain, or why none
+    # device type -> what the fused chain of a bfloat16 energy (or one under torch.autocast(bfloat16)) runs, and why
+    bf16_chain: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = ["fastlangevin backends"]
@@ -206,6 +257,8 @@ class BackendInfo:
                 lines.append(f"    {s.name:<10} {'yes' if s.available else 'no ':<4} {s.reason}")
             if device_type in self.fused_chain:
                 lines.append(f"    fused MLP chain: {self.fused_chain[device_type]}")
+            if device_type in self.bf16_chain:
+                lines.append(f"    bfloat16 chain:  {self.bf16_chain[device_type]}")
         if self.fallbacks:
             lines.append("  fallbacks taken:")
             lines.extend(f"    {f}" for f in self.fallbacks)
@@ -214,11 +267,24 @@ class BackendInfo:
 
 def backend_info() -> BackendInfo:
     """Which backends are built and available for CPU and CUDA tensors, what ``"auto"`` picks, and why."""
-    backends, auto, fused = {}, {}, {}
+    backends, auto, fused, bf16 = {}, {}, {}, {}
     for device_type in ("cpu", "cuda"):
         backends[device_type] = {name: backend_status(name, device_type) for name in BACKENDS}
         if device_type == "cpu" or torch.cuda.is_available():
             auto[device_type] = next(b for b in AUTO_ORDER[device_type] if backends[device_type][b].available)
             chain, why = fused_chain_backend(auto[device_type])
             fused[device_type] = f"{chain}:fused" if chain else f"none ({why})"
-    return BackendInfo(backends, auto, list(_fallbacks.values()), _ext.build_info(), fused)
+            if chain:
+                bf16[device_type] = _describe_bf16_chain(chain)
+    return BackendInfo(backends, auto, list(_fallbacks.values()), _ext.build_info(), fused, bf16)
+
+
+def _describe_bf16_chain(chain_backend: str) -> str:
+    try:
+        plan = bf16_chain(chain_backend)
+    except ValueError as error:
+        return f"none ({error})"
+    what = {"bf16-amx": "AMX tiles", "bf16-avx512bf16": "AVX512-BF16 dot products",
+            "bf16-dot": "tl.dot on bfloat16 operands, float32 accumulation",
+            "bf16-fp32": "the float32 kernel on the bfloat16 weights upcast"}[plan.tag]
+    return f"{chain_backend}:fused:{plan.tag} ({what}" + (f"; not {plan.reason}" if plan.reason else "") + ")"

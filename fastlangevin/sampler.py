@@ -16,10 +16,10 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from fastlangevin.backends import fused_chain_backend, note_fallback, resolve_backend
+from fastlangevin.backends import bf16_chain, fused_chain_backend, note_fallback, resolve_backend
 from fastlangevin.energies import FusedTerms, fused_terms
 from fastlangevin.graphs import run_graphed, use_graph
-from fastlangevin.ops.codes import METHODS, PRIOR_FLAT, PRIOR_NORMAL
+from fastlangevin.ops.codes import MATRIX_VECTOR, METHODS, PRIOR_FLAT, PRIOR_NORMAL
 from fastlangevin.ops.mlp_chain import FUSED_DTYPES, MLPNetwork, chain_limit, run_mlp_chain
 from fastlangevin.ops.langevin_step import check_hyper, make_rng_state, run_step
 from fastlangevin.ops.philox import MAX_SEED, acceptance_uniforms
@@ -67,7 +67,8 @@ def _check_energy_output(e, z: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"energy(z) returned a tensor on {e.device} for z on {z.device}")
     if e.dtype != z.dtype:
         raise TypeError(f"energy(z) returned {e.dtype} for z of {z.dtype}; make the energy's parameters and "
-                        f"z the same dtype (e.g. energy.to(z.dtype))")
+                        f"z the same dtype (e.g. energy.to(z.dtype)), or bfloat16 parameters with a float32 z "
+                        f"(mixed precision)")
     if not e.requires_grad:
         raise ValueError("energy(z) returned a tensor that does not depend on z through autograd "
                          "(was it computed under torch.no_grad() or detached?)")
@@ -121,6 +122,17 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
     a network beyond the kernel's limits, or ``backend="reference"``); ``info.backend`` then says ``cpu:fused`` or
     ``triton:fused``. Why it did not is logged once and shown by ``fl.backend_info()``.
 
+    Mixed precision (bfloat16): a float32 z0 with an energy whose parameters are bfloat16
+    (``energy.to(torch.bfloat16)``), or a float32 energy called under ``torch.autocast(device_type,
+    dtype=torch.bfloat16)``, runs the chain with the weights and the activations that feed the matrix products in
+    bfloat16, accumulated in float32; the state z, the prior, the noise, the energies and the update stay float32,
+    and z_K is float32. The fused chain then says which matrix unit ran in ``info.backend``: ``cpu:fused:bf16-amx``
+    (AMX tiles), ``cpu:fused:bf16-avx512bf16`` (AVX512-BF16), ``cpu:fused:bf16-fp32`` where the CPU has neither
+    (the float32 kernel on the bfloat16 weights upcast), or ``triton:fused:bf16-dot`` (``tl.dot`` on bfloat16
+    operands: tensor cores on a GPU); ``FASTLANGEVIN_MATRIX_UNIT`` caps the CPU's unit (amx_bf16, avx512_bf16,
+    vector). Off the fused chain the energy runs under ``torch.autocast(bfloat16)``. Not bit-equal to float32: see tests/test_bf16_chain.py
+    for the bounds and statistical tests that hold instead.
+
     The energy's parameters keep their ``requires_grad`` and ``.grad``. A non-finite energy raises
     ``NonFiniteEnergyError`` naming the first step and how many samples.
     """
@@ -167,7 +179,8 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
 
 
 class _FusedPlan(NamedTuple):
-    """A chain the fused kernel runs: the backend and the energy's terms as the kernel takes them."""
+    """A chain the fused kernel runs: the backend and the energy's terms as the kernel takes them; for a bfloat16
+    chain, the CPU's matrix unit and the tag ``info.backend`` gets (``backends.Bf16Chain``)."""
 
     backend: str
     energy: MLPNetwork
@@ -175,6 +188,29 @@ class _FusedPlan(NamedTuple):
     generator: MLPNetwork | None
     target: torch.Tensor | None
     likelihood_scale: float
+    matrix_unit: int = MATRIX_VECTOR
+    tag: str | None = None
+
+
+def _parameters(modules) -> list[torch.Tensor]:
+    return [p for m in modules if isinstance(m, nn.Module) for p in m.parameters()]
+
+
+def _bfloat16_energy(modules, z0: torch.Tensor) -> bool:
+    """Whether a chain of these modules from z0 runs in mixed precision: z0 float32 and every parameter bfloat16,
+    or float32 parameters under ``torch.autocast(z0's device type, bfloat16)``."""
+    if z0.dtype != torch.float32:
+        return False
+    params = _parameters(modules)
+    if params and all(p.dtype == torch.bfloat16 for p in params):
+        return True
+    device_type = z0.device.type
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+
+
+def _in_dtype(network: MLPNetwork, dtype: torch.dtype) -> MLPNetwork:
+    return network._replace(weights=[w.to(dtype) for w in network.weights],
+                            biases=[b.to(dtype) for b in network.biases])
 
 
 def _fused_plan(energy, z0, prior: Prior, step_backend: str, create_graph: bool) -> _FusedPlan | None:
@@ -195,10 +231,7 @@ def _fused_plan(energy, z0, prior: Prior, step_backend: str, create_graph: bool)
         elif not _fits(terms, z0):
             return None  # the energy itself raises the error (shapes, dtypes, devices) on the step-op path
         else:
-            plan = _FusedPlan(backend, terms.energy.kernel_network(z0.dtype, z0.device), terms.energy.output_sign,
-                              None if terms.generator is None else
-                              terms.generator.kernel_network(z0.dtype, z0.device),
-                              None if terms.target is None else terms.target.to(z0.dtype), terms.likelihood_scale)
+            plan = _plan_networks(backend, terms, z0, type(energy).__name__)
             why = chain_limit(backend, z0.shape[0], plan.energy, plan.generator, z0.dtype)
             if why is None:
                 return plan
@@ -207,10 +240,30 @@ def _fused_plan(energy, z0, prior: Prior, step_backend: str, create_graph: bool)
     return None
 
 
-def _fits(terms: FusedTerms, z0: torch.Tensor) -> bool:
-    """Whether the energy's networks (and data) take this z0 as its forward would: sizes, dtype, device."""
+def _plan_networks(backend: str, terms: FusedTerms, z0: torch.Tensor, energy_name: str) -> _FusedPlan:
+    """The networks as the kernel takes them: in z0's dtype, or for a mixed-precision chain in bfloat16 (rounded
+    once per chain under autocast) with the matrix unit of ``bf16_chain``, upcast where no unit takes bfloat16."""
     networks = [terms.energy] + ([] if terms.generator is None else [terms.generator])
-    if any(p.dtype != z0.dtype or p.device != z0.device for net in networks for p in net.parameters()):
+    dtype, unit, tag, upcast = z0.dtype, MATRIX_VECTOR, None, False
+    if _bfloat16_energy(networks, z0):
+        chain = bf16_chain(backend)
+        dtype, unit, tag, upcast = torch.bfloat16, chain.matrix_unit, chain.tag, chain.upcast
+        if chain.reason:
+            note_fallback(f"bfloat16 {energy_name} chain on {z0.device.type}", f"{backend}:fused:{tag}", chain.reason)
+    kernel = [net.kernel_network(dtype, z0.device) for net in networks]
+    if upcast:  # rounded to bfloat16 once (autocast's rounding), then run by the float32 kernel
+        kernel = [_in_dtype(net, z0.dtype) for net in kernel]
+    return _FusedPlan(backend, kernel[0], terms.energy.output_sign, kernel[1] if len(kernel) > 1 else None,
+                      None if terms.target is None else terms.target.to(z0.dtype), terms.likelihood_scale, unit, tag)
+
+
+def _fits(terms: FusedTerms, z0: torch.Tensor) -> bool:
+    """Whether the energy's networks (and data) take this z0 as its forward would: sizes, dtype (z0's, or bfloat16
+    parameters with a float32 z0), device."""
+    networks = [terms.energy] + ([] if terms.generator is None else [terms.generator])
+    params = _parameters(networks)
+    mixed = z0.dtype == torch.float32 and bool(params) and all(p.dtype == torch.bfloat16 for p in params)
+    if any((p.dtype != z0.dtype and not mixed) or p.device != z0.device for p in params):
         return False
     if terms.target is not None and terms.target.device != z0.device:
         return False
@@ -226,26 +279,39 @@ def _run_fused(plan: _FusedPlan, energy, z0, n_steps, step_size, noise_scale, pr
     rng_state = make_rng_state(seed, 0, z0.device)
     out = run_mlp_chain(plan.backend, z0, plan.energy, plan.output_sign, n_steps, step_size, noise_scale,
                         prior.kernel_params(z0), rng_state, clip_grad, METHODS[method], return_info, plan.generator,
-                        plan.target, plan.likelihood_scale)
+                        plan.target, plan.likelihood_scale, plan.matrix_unit)
     bad = out.first_bad >= 0
     if bool(bad.any()):  # one host sync per chain
         step = int(out.first_bad[bad].min())
         raise NonFiniteEnergyError(_non_finite_message(step, int((out.first_bad == step).sum()), z0.shape[0]))
     _check_final_z(out.z)
     if return_info:
-        return out.z, LangevinInfo(out.energies, out.grad_norms, f"{plan.backend}:fused", seed, step_size,
+        backend = f"{plan.backend}:fused" + (f":{plan.tag}" if plan.tag else "")
+        return out.z, LangevinInfo(out.energies, out.grad_norms, backend, seed, step_size,
                                    noise_scale, method, out.accepted)
     return out.z
 
 
 class _Evaluator:
     """E(z) and the drift gradient of one chain: ``∇E`` clipped per sample (plus ``−∇log prior``, unclipped, for
-    priors the kernel cannot fuse); remembers what ``LangevinInfo`` and the finiteness check need."""
+    priors the kernel cannot fuse); remembers what ``LangevinInfo`` and the finiteness check need. A mixed-precision
+    chain (``_bfloat16_energy``) evaluates the energy under ``torch.autocast(bfloat16)`` and its energies in z's
+    dtype, so that z, the gradient and the update stay float32."""
 
     def __init__(self, energy, prior: Prior, fused_prior: bool, clip_grad, create_graph: bool, track: bool):
         self.energy, self.prior, self.fused_prior = energy, prior, fused_prior
         self.clip_grad, self.create_graph, self.track = clip_grad, create_graph, track
         self.checked = False
+        self.mixed = False
+
+    def _energy(self, z):
+        if not self.checked:
+            self.mixed = _bfloat16_energy([self.energy], z)
+        if not self.mixed:
+            return self.energy(z)
+        with torch.autocast(z.device.type, dtype=torch.bfloat16):
+            e = self.energy(z)
+        return e.to(z.dtype) if isinstance(e, torch.Tensor) and e.is_floating_point() else e
 
     def __call__(self, z):
         """→ (energy E(z) (B,), target U(z) − U_fused_prior(z) (B,), drift gradient, gradient norms or None)."""
@@ -253,7 +319,7 @@ class _Evaluator:
         if not z.requires_grad:
             z.requires_grad_(True)
         with nvtx_range("energy"):
-            e = self.energy(z)
+            e = self._energy(z)
             e = e.reshape(batch) if self.checked else _check_energy_output(e, z)
             self.checked = True
             neg_log_prior = None if self.fused_prior else -self.prior.log_prob(z)

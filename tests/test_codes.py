@@ -20,7 +20,7 @@ CODES_HEADER = INCLUDE / "codes.h"
 # before codes.h existed the enums lived beside the kernels that used them
 OLD_HEADERS = (INCLUDE / "mlp_chain.h", INCLUDE / "langevin_step.h")
 # C++ enumerator prefix -> table of codes.py
-PREFIXES = {"kAct": "activation", "kMethod": "method", "kPrior": "prior", "k": "dtype"}
+PREFIXES = {"kAct": "activation", "kMethod": "method", "kPrior": "prior", "kMatrix": "matrix_unit", "k": "dtype"}
 
 
 def _snake(camel: str) -> str:

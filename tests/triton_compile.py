@@ -2,7 +2,9 @@
 launcher would make is recorded (its ``wrap`` hook), its arguments turned into a signature, and Triton compiles
 it down to a cubin with its bundled ptxas. Nothing runs; no driver is needed. Not under ``TRITON_INTERPRET=1``
 (jitted functions are interpreted objects there): ``python -m tests.triton_compile NAME ...`` compiles the named
-launches of ``LAUNCHES`` in a fresh interpreter and prints ``NAME sm_90 ok`` with the registers and spills.
+launches of ``LAUNCHES`` in a fresh interpreter and prints ``NAME sm_90 ok`` with the registers and spills, and the
+shapes and types of the tensor-core instructions in its PTX (``m64n16k16.f32.bf16.bf16``: bfloat16 operands, float32
+accumulators).
 """
 
 from __future__ import annotations
@@ -76,9 +78,11 @@ def resource_usage(compiled) -> str:
     return "registers {} stack {} shared {} local {}".format(*found.groups()) if found else usage.strip()
 
 
-def record_mlp_chain(method: str, dtype: torch.dtype) -> LaunchRecorder:
+def record_mlp_chain(method: str, dtype: torch.dtype, weight_dtype: torch.dtype | None = None) -> LaunchRecorder:
     """The fused chain of a posterior energy (energy 5 → 9 → 7 → 1, generator 3 → 6 → 11 with a sigmoid output),
-    diagonal prior, clipping, every output, 37 samples."""
+    diagonal prior, clipping, every output, 37 samples; weights in weight_dtype (default: dtype; bfloat16 with a
+    float32 chain: the mixed-precision kernel, bfloat16 tl.dot on tensor cores)."""
+    weight_dtype = weight_dtype or dtype
     import fastlangevin as fl
     from fastlangevin.ops import codes
     from fastlangevin.ops.langevin_step import make_rng_state
@@ -92,8 +96,8 @@ def record_mlp_chain(method: str, dtype: torch.dtype) -> LaunchRecorder:
     code = codes.METHODS[method]
     energies, grad_norms, accepted, first_bad = new_outputs(z, 3, code, True)
     recorder = LaunchRecorder()
-    mlp_chain_triton(z, energy.kernel_network(dtype, "cpu"), 1.0, generator.kernel_network(dtype, "cpu"), target, 0.5,
-                     3, 0.01, 0.1, codes.PRIOR_DIAGONAL, torch.zeros(5, dtype=dtype), torch.ones(5, dtype=dtype),
+    mlp_chain_triton(z, energy.kernel_network(weight_dtype, "cpu"), 1.0, generator.kernel_network(weight_dtype, "cpu"),
+                     target, 0.5, 3, 0.01, 0.1, codes.PRIOR_DIAGONAL, torch.zeros(5, dtype=dtype), torch.ones(5, dtype=dtype),
                      make_rng_state(0, 0), 1.0, code, energies, grad_norms, accepted if code == codes.MALA else None,
                      first_bad, wrap=recorder)
     return recorder
@@ -102,6 +106,7 @@ def record_mlp_chain(method: str, dtype: torch.dtype) -> LaunchRecorder:
 LAUNCHES = {
     "mlp_chain_ula_f32": lambda: record_mlp_chain("ula", torch.float32),
     "mlp_chain_mala_f64": lambda: record_mlp_chain("mala", torch.float64),
+    "mlp_chain_mala_bf16": lambda: record_mlp_chain("mala", torch.float32, torch.bfloat16),
 }
 
 
@@ -111,4 +116,5 @@ if __name__ == "__main__":
     for name in sys.argv[1:]:
         compiled = compile_recorded(LAUNCHES[name]())
         assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"]
-        print(f"{name} sm_90 ok: {resource_usage(compiled)}")
+        products = sorted(set(re.findall(r"\b(?:wgmma\.mma_async|mma)\.sync\.aligned\.(\S+?);?\s", compiled.asm["ptx"])))
+        print(f"{name} sm_90 ok: {resource_usage(compiled)}; matrix products: {' '.join(products) or 'none'}")

@@ -85,7 +85,7 @@ void mlp_chain(uintptr_t z, int64_t batch, const NetworkTuple& energy, double ou
                int64_t n_steps, double step_size, double noise_scale, int prior_kind, uintptr_t mean,
                uintptr_t inv_var, uintptr_t rng_state, double clip_grad, int method, uintptr_t energies,
                uintptr_t grad_norms, uintptr_t accepted, uintptr_t first_bad, int dtype, int n_threads,
-               uintptr_t n_accepted) {
+               uintptr_t n_accepted, int matrix_unit) {
   flc::MLPChainArgs a;
   a.z = ptr<void>(z);
   a.batch = batch;
@@ -109,10 +109,19 @@ void mlp_chain(uintptr_t z, int64_t batch, const NetworkTuple& energy, double ou
   a.n_accepted = ptr<int64_t>(n_accepted);
   a.first_bad = ptr<int64_t>(first_bad);
   a.dtype = dtype;
+  a.matrix_unit = matrix_unit;
   a.n_threads = n_threads;
   flc::check_mlp_chain_args(a);  // std::invalid_argument -> ValueError
   py::gil_scoped_release release;
   flc::mlp_chain(a);
+}
+
+// {name: "" when it runs here, else why not} for the bfloat16 matrix units (codes.h MatrixUnit).
+py::dict matrix_units() {
+  py::dict d;
+  d["avx512_bf16"] = flc::matrix_unit_status(fastlangevin::kMatrixAvx512Bf16);
+  d["amx_bf16"] = flc::matrix_unit_status(fastlangevin::kMatrixAmxBf16);
+  return d;
 }
 
 py::dict build_info() {
@@ -146,7 +155,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("step_size"), py::arg("noise_scale"), py::arg("prior_kind"), py::arg("mean_ptr"),
         py::arg("inv_var_ptr"), py::arg("rng_state_ptr"), py::arg("clip_grad"), py::arg("method"),
         py::arg("energies_ptr"), py::arg("grad_norms_ptr"), py::arg("accepted_ptr"), py::arg("first_bad_ptr"),
-        py::arg("dtype"), py::arg("n_threads"), py::arg("n_accepted_ptr") = 0,
+        py::arg("dtype"), py::arg("n_threads"), py::arg("n_accepted_ptr") = 0, py::arg("matrix_unit") = 0,
         "The fused Langevin chain of MLP energies (contract: fastlangevin.ops.mlp_chain), z (batch, D) updated in\n"
         "place. energy, generator: (dims, weight_ptrs, bias_ptrs, activations, activation_params) with weight l\n"
         "(dims[l+1], dims[l]) row-major, bias_ptrs empty or one per layer, activations codes of\n"
@@ -154,7 +163,13 @@ PYBIND11_MODULE(_C, m) {
         "Dg -> P with Dg <= D, reading z[:, :Dg], with target_ptr (batch, P) and likelihood_scale 1 / (2 sigma^2).\n"
         "method: 0 ULA, 1 MALA. energies_ptr, grad_norms_ptr (n_steps, batch) of dtype, accepted_ptr (uint8) and\n"
         "n_accepted_ptr (batch,) int64 may be 0 (not wanted); first_bad_ptr (batch,) int64 is always written.\n"
-        "clip_grad <= 0: no clipping.");
+        "clip_grad <= 0: no clipping. matrix_unit: 0 vector FMAs in dtype; 1 AVX512-BF16, 2 AMX-BF16: a float32\n"
+        "chain (dtype 0) with bfloat16 weights and biases, the products' inputs rounded to bfloat16, accumulated in\n"
+        "float32 (see matrix_units()).");
+  m.def("matrix_units", &matrix_units,
+        "{'avx512_bf16': status, 'amx_bf16': status} of the bfloat16 matrix units: '' when the unit runs here, else\n"
+        "why not (not compiled in, not in this CPU, not enabled by the OS, tile data refused). Asks Linux for the AMX\n"
+        "tile data permission once per process.");
   m.def("build_info", &build_info, "How this module was built: compiler, flags, SIMD width, OpenMP.");
   m.attr("PRIOR_FLAT") = (int)fastlangevin::kPriorFlat;
   m.attr("PRIOR_NORMAL") = (int)fastlangevin::kPriorNormal;

@@ -1,4 +1,5 @@
-"""The integer codes that Python and the kernels share: activations, sampling methods, prior kinds, dtypes.
+"""The integer codes that Python and the kernels share: activations, sampling methods, prior kinds, dtypes, matrix
+units.
 
 Declared once, here. The C++/CUDA sources carry the same values in ``csrc/include/fastlangevin/codes.h``
 (``tests/test_codes.py`` parses that header and compares); Triton kernels read them as ``tl.constexpr`` through
@@ -43,4 +44,12 @@ FLOAT16 = 2
 BFLOAT16 = 3
 DTYPES = {"float32": FLOAT32, "float64": FLOAT64, "float16": FLOAT16, "bfloat16": BFLOAT16}
 
-TABLES = {"activation": ACTIVATIONS, "method": METHODS, "prior": PRIORS, "dtype": DTYPES}
+# The unit that computes the fused chain's layer products on the CPU: vector FMAs in the chain's dtype, or a bfloat16
+# unit on bfloat16 weights with a float32 chain (products' inputs rounded to bfloat16, accumulated in float32).
+MATRIX_VECTOR = 0
+MATRIX_AVX512_BF16 = 1  # AVX512-BF16 dot products (vdpbf16ps)
+MATRIX_AMX_BF16 = 2  # AMX tiles (tdpbf16ps)
+MATRIX_UNITS = {"vector": MATRIX_VECTOR, "avx512_bf16": MATRIX_AVX512_BF16, "amx_bf16": MATRIX_AMX_BF16}
+
+TABLES = {"activation": ACTIVATIONS, "method": METHODS, "prior": PRIORS, "dtype": DTYPES,
+          "matrix_unit": MATRIX_UNITS}

@@ -91,15 +91,17 @@ def _network_arg(network: MLPNetwork) -> tuple:
 
 def launch_cpu_chain(z, energy: MLPNetwork, output_sign, generator, target, likelihood_scale, n_steps, step_size,
                      noise_scale, prior_kind, prior_mean, prior_inv_var, rng_state, clip_grad, method, energies,
-                     grad_norms, accepted, first_bad) -> None:
+                     grad_norms, accepted, first_bad, matrix_unit: int = codes.MATRIX_VECTOR) -> None:
     """The C++ chain on contiguous CPU tensors, z (B, D) updated in place; the arguments of ``mlp_chain_triton``
-    (energies, grad_norms (K, B) and accepted may be None: not wanted; first_bad (B,) int64 is always written)."""
+    (energies, grad_norms (K, B) and accepted may be None: not wanted; first_bad (B,) int64 is always written).
+    matrix_unit (``codes.MATRIX_UNITS``): a bfloat16 unit takes the networks' weights and biases in bfloat16 with a
+    float32 z; the vector unit, in z's dtype."""
     _ext.require_cpu().mlp_chain(
         z.data_ptr(), z.shape[0], _network_arg(energy), output_sign,
         None if generator is None else _network_arg(generator), _ptr(target), likelihood_scale, n_steps, step_size,
         noise_scale, prior_kind, _ptr(prior_mean), _ptr(prior_inv_var), rng_state.data_ptr(), clip_grad, method,
         _ptr(energies), _ptr(grad_norms), _ptr(accepted), first_bad.data_ptr(), DTYPE_CODES[z.dtype],
-        torch.get_num_threads())
+        torch.get_num_threads(), matrix_unit=matrix_unit)
 
 
 def _wanted(energies, grad_norms, accepted, method, return_info):
@@ -116,10 +118,11 @@ def mlp_chain_cpu(z0: torch.Tensor, weights: list[torch.Tensor], biases: list[to
                   generator_activation_params: list[float], target: Optional[torch.Tensor], likelihood_scale: float,
                   n_steps: int, step_size: float, noise_scale: float, prior_kind: int,
                   prior_mean: Optional[torch.Tensor], prior_inv_var: Optional[torch.Tensor], rng_state: torch.Tensor,
-                  clip_grad: float, method: int,
-                  return_info: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  clip_grad: float, method: int, return_info: bool, matrix_unit: int = codes.MATRIX_VECTOR
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chain from z0 (B, D) on the C++ backend → (z, energies, grad_norms, accepted, first_bad); the (K, B)
-    outputs are (0, B) unless return_info (accepted: MALA only). No generator: empty lists and target None."""
+    outputs are (0, B) unless return_info (accepted: MALA only). No generator: empty lists and target None.
+    matrix_unit: as ``launch_cpu_chain`` (a bfloat16 unit: bfloat16 weights and biases, float32 z0)."""
     z = z0.clone()
     energies, grad_norms, accepted, first_bad = new_outputs(z0, n_steps, method, return_info)
     generator = (MLPNetwork(generator_weights, generator_biases, generator_activations, generator_activation_params)
@@ -127,14 +130,14 @@ def mlp_chain_cpu(z0: torch.Tensor, weights: list[torch.Tensor], biases: list[to
     launch_cpu_chain(z, MLPNetwork(weights, biases, activations, activation_params), output_sign, generator, target,
                      likelihood_scale, n_steps, step_size, noise_scale, prior_kind, prior_mean, prior_inv_var,
                      rng_state, clip_grad, method, *_wanted(energies, grad_norms, accepted, method, return_info),
-                     first_bad)
+                     first_bad, matrix_unit)
     return z, energies, grad_norms, accepted, first_bad
 
 
 def _fake_chain(z0, weights, biases, activations, activation_params, output_sign, generator_weights,
                 generator_biases, generator_activations, generator_activation_params, target, likelihood_scale,
                 n_steps, step_size, noise_scale, prior_kind, prior_mean, prior_inv_var, rng_state, clip_grad, method,
-                return_info):
+                return_info, matrix_unit=codes.MATRIX_VECTOR):
     return (torch.empty_like(z0), *new_outputs(z0, n_steps, method, return_info))
 
 
@@ -189,11 +192,14 @@ def chain_op(backend: str):
 def run_mlp_chain(backend: str, z0: torch.Tensor, energy: MLPNetwork, output_sign: float, n_steps: int,
                   step_size: float, noise_scale: float, prior_args, rng_state: torch.Tensor, clip_grad: float | None,
                   method: int, return_info: bool, generator: Optional[MLPNetwork] = None,
-                  target: Optional[torch.Tensor] = None, likelihood_scale: float = 0.0) -> ChainOutputs:
+                  target: Optional[torch.Tensor] = None, likelihood_scale: float = 0.0,
+                  matrix_unit: int = codes.MATRIX_VECTOR) -> ChainOutputs:
     """The fused chain on ``backend`` ("cpu" or "triton") from z0 (B, *latent), flattened to (B, D) for the kernel.
 
     energy, generator: ``MLPNetwork``s in z0's compute dtype and device; target (B, P) with a generator.
     prior_args: ``(prior_kind, mean, inv_var)``; method: a code of ``codes.METHODS``; clip_grad None or 0: off.
+    matrix_unit: the CPU chain's unit for the layer products (``codes.MATRIX_UNITS``); a bfloat16 unit takes the
+    networks in bfloat16 with a float32 z0 (mixed precision: see ``fl.langevin``).
     """
     kind, mean, inv_var = prior_args
     no_generator = MLPNetwork([], [], [], [])
@@ -201,7 +207,8 @@ def run_mlp_chain(backend: str, z0: torch.Tensor, energy: MLPNetwork, output_sig
     z, energies, grad_norms, accepted, first_bad = chain_op(backend)(
         z0.detach().reshape(z0.shape[0], -1).contiguous(), *energy, float(output_sign), *g,
         None if target is None else target.contiguous(), float(likelihood_scale), n_steps, step_size, noise_scale,
-        kind, mean, inv_var, rng_state, float(clip_grad or 0.0), method, return_info)
+        kind, mean, inv_var, rng_state, float(clip_grad or 0.0), method, return_info,
+        *((matrix_unit,) if backend == "cpu" else ()))
     return ChainOutputs(z.reshape(z0.shape), energies if return_info else None,
                         grad_norms if return_info else None,
                         accepted.bool() if return_info and method == codes.MALA else None, first_bad)

@@ -32,6 +32,12 @@ enum PriorKind { kPriorFlat = 0, kPriorNormal = 1, kPriorDiagonal = 2 };
 // Element types of the bindings' arrays.
 enum DtypeCode { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
+// The unit that computes the fused chain's layer products. kMatrixVector: vector FMAs in the chain's dtype, on
+// weights of that dtype. The bfloat16 units take bfloat16 weights and biases with a float32 chain: the products'
+// operands are bfloat16 and accumulate in float32 (AVX512-BF16 dot products, or AMX tiles).
+enum MatrixUnit { kMatrixVector = 0, kMatrixAvx512Bf16 = 1, kMatrixAmxBf16 = 2 };
+constexpr int kMatrixUnitCount = 3;
+
 }  // namespace fastlangevin
 
 #endif  // FASTLANGEVIN_CODES_H_

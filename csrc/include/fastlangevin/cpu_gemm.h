@@ -19,6 +19,7 @@
 #include <cstring>
 #include <new>
 #include <utility>
+#include <vector>
 
 #include "fastlangevin/cpu_simd.h"
 
@@ -161,6 +162,36 @@ FL_FORCEINLINE void product(const Packed<T>& p, const T* X, T* C, Epilogue&& epi
     epilogue(n0, h);
   }
 }
+
+// The engine of the fused chain's products (cpu_chain.h) in float32 or float64: the weights packed in the compute
+// type, the FMA micro-kernels above. It needs no workspace and no per-thread set-up.
+template <typename Tp>
+struct VectorEngine {
+  using T = Tp;
+  using Weight = Tp;
+  using Elem = Tp;
+  using Panels = Packed<Tp>;
+  using PackJob = ::fastlangevin::cpu::PackJob<Tp>;
+  struct Scratch {
+    Scratch(int /*max_cols*/, int /*TB*/) {}
+  };
+  struct ThreadScope {};
+
+  static size_t panel_size(int rows, int cols) { return (size_t)rows * cols; }
+
+  // M (rows x cols, M(r, c) = src[r * rs + c * cs]) packed into dst by a job added to `jobs`.
+  template <int NV>
+  static Panels plan(const T* src, int rows, int cols, int64_t rs, int64_t cs, T* dst, std::vector<PackJob>& jobs) {
+    const int mr = panel_rows(rows, rows_per_block<NV>());
+    jobs.push_back({src, rows, cols, rs, cs, mr, dst});
+    return {dst, rows, cols, mr};
+  }
+
+  template <int NV, typename Epilogue>
+  static FL_FORCEINLINE void product(const Panels& p, const T* X, T* C, Scratch&, Epilogue&& epilogue) {
+    ::fastlangevin::cpu::product<T, NV>(p, X, C, epilogue);
+  }
+};
 
 }  // namespace FL_ISA_NAMESPACE
 }  // namespace cpu

@@ -4,7 +4,8 @@
 // Everything ISA-dependent in the CPU headers lives in the inline namespace FL_ISA_NAMESPACE, named after the
 // instruction set the including file is compiled for (the pattern of Google Highway's HWY_NAMESPACE). Translation
 // units built for different instruction sets (a baseline, an AVX2 and an AVX-512 copy of a kernel, selected at run
-// time) then get differently mangled inline functions, so the linker can never hand one of them another's code.
+// time) then get differently mangled inline functions, so the linker can never hand one of them another's code. A
+// translation unit compiled with more than its level's instruction sets defines FL_ISA_NAMESPACE itself, first.
 #ifndef FASTLANGEVIN_CPU_SIMD_H_
 #define FASTLANGEVIN_CPU_SIMD_H_
 
@@ -17,7 +18,9 @@
 
 #include "fastlangevin/philox.h"  // FL_FORCEINLINE
 
-#if defined(__AVX512F__)
+#if defined(FL_ISA_NAMESPACE)
+// named by the translation unit itself (one with extra instruction sets, e.g. csrc/cpu/mlp_chain_bf16.cpp)
+#elif defined(__AVX512F__)
 #define FL_ISA_NAMESPACE isa_avx512
 #elif defined(__AVX2__)
 #define FL_ISA_NAMESPACE isa_avx2

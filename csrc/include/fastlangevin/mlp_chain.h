@@ -11,6 +11,7 @@
 #define FASTLANGEVIN_MLP_CHAIN_H_
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "fastlangevin/codes.h"
@@ -51,9 +52,17 @@ struct MLPChainArgs {
   // (batch,), always written: the first step k at which E(z_k) or its gradient was not finite, -1 when none
   // (a MALA proposal whose energy is not finite is rejected and does not count).
   int64_t* first_bad = nullptr;
-  int dtype = kFloat32;         // kFloat32 or kFloat64
+  int dtype = kFloat32;         // kFloat32 or kFloat64: z and every array above
+  // Which unit computes the layer products (codes.h). kMatrixVector: weights and biases in `dtype`. The bfloat16
+  // units (matrix_unit_status says whether this CPU has them): a float32 chain, weights and biases bfloat16.
+  int matrix_unit = kMatrixVector;
   int n_threads = 0;            // <= 0: all
 };
+
+// "" when `matrix_unit` (a MatrixUnit code) can run here, else why not: not compiled in, not in this CPU, not
+// enabled by the OS, or (AMX) tile data refused by the kernel. The first call for AMX asks Linux for the tile data
+// permission (arch_prctl ARCH_REQ_XCOMP_PERM), once per process; thread-safe.
+std::string matrix_unit_status(int matrix_unit);
 
 // Throws std::invalid_argument naming the bad argument, the expected and the actual value.
 void check_mlp_chain_args(const MLPChainArgs& args);

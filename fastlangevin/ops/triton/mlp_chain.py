@@ -23,6 +23,12 @@ pass. The network's shape (padded widths, activation codes, packing offsets) is 
 configuration compiles to straight-line code; tuple elements only ever reach jitted helpers as constexpr arguments
 (Triton 3.6 rejects them elsewhere). float32 products use ``input_precision="ieee"`` (no TF32), so the chain matches
 the reference to float32 rounding; float64 runs in float64 throughout.
+
+Mixed precision: with bfloat16 weights and biases and a float32 z, every layer product is ``tl.dot`` on bfloat16
+operands (the weights as given; the staged float32 input or delta rounded to nearest even as it is loaded) with
+float32 accumulation, tensor cores on a GPU. Everything else (biases upcast, activations, the scalar output layer,
+the likelihood's residual, the gradient's norm, prior, noise, the update, MALA's test) stays float32, as on the CPU's
+bfloat16 units (``csrc/include/fastlangevin/cpu_bf16.h``).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from fastlangevin.ops import codes as host_codes
 from fastlangevin.ops.triton import codes
 from fastlangevin.ops.triton.langevin_step import check_prior_args, check_rng_state
 from fastlangevin.ops.triton.philox import box_muller, philox_block, split_u64
-from fastlangevin.ops.triton.utils import loop_bound, scalar_as
+from fastlangevin.ops.triton.utils import is_interpreted, loop_bound, scalar_as, to_storage
 
 MAX_LAYERS = 16  # per network: every layer is unrolled into the kernel, so depth costs compile time and code size
 MIN_PAD = 16  # tl.dot needs every dimension ≥ 16
@@ -237,6 +243,25 @@ def _stage(scratch, x, BLOCK_B: tl.constexpr, WIDTH: tl.constexpr, SLOT_W: tl.co
     tl.debug_barrier()
 
 
+# Triton's interpreter (3.6-3.9) multiplies bfloat16 tl.dot operands as their raw 16-bit storage; it gets the same
+# products from bfloat16 values widened to float32 (exact) in an IEEE float32 dot.
+_INTERPRETED = tl.constexpr(is_interpreted(_tanh))
+
+
+@triton.jit
+def _dot(a, w):
+    """a · w accumulated in a's dtype: bfloat16 operands when the weights w are bfloat16 (a rounded to nearest
+    even; the mixed-precision chain), else IEEE float32/float64 products (no TF32)."""
+    if w.dtype == tl.bfloat16:
+        a_bf16 = to_storage(a, tl.bfloat16)
+        if _INTERPRETED:
+            return tl.dot(a_bf16.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a_bf16, w, out_dtype=tl.float32)
+    else:
+        return tl.dot(a, w, input_precision="ieee")
+
+
 @triton.jit
 def _matmul_wt(x_slot, w_ptr, BLOCK_B: tl.constexpr, K: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr,
                SLOT_W: tl.constexpr, CDT: tl.constexpr):
@@ -248,7 +273,7 @@ def _matmul_wt(x_slot, w_ptr, BLOCK_B: tl.constexpr, K: tl.constexpr, N: tl.cons
         kk = k0 + tl.arange(0, CHUNK)
         x = tl.load(x_slot + rows[:, None] * SLOT_W + kk[None, :])
         w_t = tl.load(w_ptr + cols_n[None, :] * K + kk[:, None])  # (CHUNK, N) of W^T
-        acc += tl.dot(x, w_t, input_precision="ieee")
+        acc += _dot(x, w_t)
     return acc
 
 
@@ -263,7 +288,7 @@ def _matmul_w(delta_slot, w_ptr, BLOCK_B: tl.constexpr, K: tl.constexpr, N: tl.c
         nn = n0 + tl.arange(0, CHUNK)
         delta = tl.load(delta_slot + rows[:, None] * SLOT_W + nn[None, :])
         w = tl.load(w_ptr + nn[:, None] * K + cols_k[None, :])  # (CHUNK, K) of W
-        acc += tl.dot(delta, w, input_precision="ieee")
+        acc += _dot(delta, w)
     return acc
 
 
@@ -276,7 +301,7 @@ def _forward_layer(x, scratch, w_ptr, b_ptr, param_ptr, LAYER: tl.constexpr, KEE
     1 + LAYER when KEEP_DERIVATIVE (an identity's is 1 and never kept)."""
     _stage(scratch, x, BLOCK_B, K, SLOT_W)
     a = _matmul_wt(scratch, w_ptr + W_OFFSET, BLOCK_B, K, N, CHUNK, SLOT_W, x.dtype)
-    a = a + tl.load(b_ptr + B_OFFSET + tl.arange(0, N))[None, :]
+    a = a + tl.load(b_ptr + B_OFFSET + tl.arange(0, N)).to(a.dtype)[None, :]
     h, d = _activation(a, ACT, tl.load(param_ptr + P_INDEX))
     if KEEP_DERIVATIVE and ACT != codes.IDENTITY:
         tl.store(_slot(scratch, 1 + LAYER, BLOCK_B, N, SLOT_W), d)
@@ -319,8 +344,8 @@ def _energy_term(z, scratch, w_ptr, b_ptr, param_ptr, sign, LAYERS: tl.constexpr
 @triton.jit
 def _energy_output(h, w_ptr, b_ptr, sign, K: tl.constexpr, W_OFFSET: tl.constexpr, B_OFFSET: tl.constexpr):
     """The energy's last layer, a row w (K,): E = sign · (h·w + b) (BLOCK_B,) and ∂E/∂h (BLOCK_B, K)."""
-    w = tl.load(w_ptr + W_OFFSET + tl.arange(0, K))
-    e = sign * (tl.sum(h * w[None, :], axis=1) + tl.load(b_ptr + B_OFFSET))
+    w = tl.load(w_ptr + W_OFFSET + tl.arange(0, K)).to(h.dtype)
+    e = sign * (tl.sum(h * w[None, :], axis=1) + tl.load(b_ptr + B_OFFSET).to(h.dtype))
     return e, tl.zeros_like(h) + (sign * w)[None, :]
 
 
@@ -556,11 +581,12 @@ def mlp_chain_kernel(z_ptr, w_ptr, b_ptr, param_ptr, target_ptr, prior_mean_ptr,
     tl.store(first_bad_ptr + rows, first_bad, mask=row_ok)
 
 
-def _pack(networks, settings: MLPChainLaunch, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
-    """The zero-padded weights, biases and activation parameters of (network, layout) pairs, as the kernel reads
-    them (see ``NetworkLayout``)."""
-    packed_w = torch.zeros(settings.weight_size, dtype=dtype, device=device)
-    packed_b = torch.zeros(settings.bias_size, dtype=dtype, device=device)
+def _pack(networks, settings: MLPChainLaunch, weight_dtype: torch.dtype, dtype: torch.dtype,
+          device) -> tuple[torch.Tensor, ...]:
+    """The zero-padded weights and biases (in weight_dtype) and activation parameters (in the chain's dtype) of
+    (network, layout) pairs, as the kernel reads them (see ``NetworkLayout``)."""
+    packed_w = torch.zeros(settings.weight_size, dtype=weight_dtype, device=device)
+    packed_b = torch.zeros(settings.bias_size, dtype=weight_dtype, device=device)
     params = []
     for (weights, biases, _, activation_params), layout in networks:
         for layer, w in enumerate(weights):
@@ -629,7 +655,8 @@ def mlp_chain_triton(z: torch.Tensor, energy, output_sign: float, generator, tar
     """Run the whole chain in one launch; ``z`` (B, D) float32/float64, contiguous, is updated in place.
 
     energy: ``(weights, biases, activations, activation_params)`` as ``fastlangevin.ops.mlp_chain.MLPNetwork``,
-    weights in z's dtype and device, d_0 = D, d_L = 1, its last activation identity; output_sign ±1. generator: None,
+    weights and biases in z's dtype, or bfloat16 with a float32 z (the mixed-precision chain: bfloat16 ``tl.dot``
+    with float32 accumulation), on z's device, d_0 = D, d_L = 1, its last activation identity; output_sign ±1. generator: None,
     or such a network with d_0 = Dg ≤ D (it reads z[:, :Dg]); then target (B, P) in z's dtype, P = its d_L, and
     likelihood_scale ≥ 0 weighs ‖target − generator‖². ``prior_kind``: a ``codes`` prior (``prior_mean``,
     ``prior_inv_var``: 1-D length D in z's dtype for the diagonal one). rng_state: int64 ``[seed, counter]`` on z's
@@ -644,7 +671,11 @@ def mlp_chain_triton(z: torch.Tensor, energy, output_sign: float, generator, tar
         raise ValueError(f"z must be a contiguous 2-D float32 or float64 tensor (B, D), got shape {tuple(z.shape)}, "
                          f"{z.dtype}{'' if z.is_contiguous() else ', not contiguous'}")
     batch, n_features = z.shape
-    energy_dims = _check_network("energy", energy, n_features, z.dtype, z.device)
+    weight_dtype = energy[0][0].dtype if energy[0] else z.dtype
+    if weight_dtype != z.dtype and (weight_dtype, z.dtype) != (torch.bfloat16, torch.float32):
+        raise ValueError(f"the networks' weights must be {z.dtype} like z, or bfloat16 with a float32 z (mixed "
+                         f"precision), got {weight_dtype} weights for a {z.dtype} z")
+    energy_dims = _check_network("energy", energy, n_features, weight_dtype, z.device)
     if energy_dims[-1] != 1 or energy.activations[-1] != host_codes.IDENTITY:
         raise ValueError(f"the energy network must end in one output with the identity activation, got dims "
                          f"{tuple(energy_dims)} and last activation code {energy.activations[-1]}")
@@ -653,7 +684,7 @@ def mlp_chain_triton(z: torch.Tensor, energy, output_sign: float, generator, tar
         n_inputs = generator[0][0].shape[1] if generator[0] and generator[0][0].dim() == 2 else 0
         if not 1 <= n_inputs <= n_features:
             raise ValueError(f"the generator reads z[:, :Dg] with 1 <= Dg <= {n_features}, got Dg = {n_inputs}")
-        generator_dims = _check_network("generator", generator, n_inputs, z.dtype, z.device)
+        generator_dims = _check_network("generator", generator, n_inputs, weight_dtype, z.device)
         n_targets = generator_dims[-1]
         if target is None or target.shape != (batch, n_targets) or target.dtype != z.dtype \
                 or target.device != z.device or not target.is_contiguous():
@@ -684,7 +715,7 @@ def mlp_chain_triton(z: torch.Tensor, energy, output_sign: float, generator, tar
         return
 
     networks = [(energy, settings.energy)] + ([] if generator is None else [(generator, settings.generator)])
-    packed_w, packed_b, params = _pack(networks, settings, z.dtype, z.device)
+    packed_w, packed_b, params = _pack(networks, settings, weight_dtype, z.dtype, z.device)
     scratch = torch.empty(settings.grid[0] * settings.n_slots * settings.block_b * settings.slot_width,
                           dtype=z.dtype, device=z.device)
     # Unused pointer slots get a real tensor, so the argument list is the same for every configuration.
