@@ -4,6 +4,7 @@ precisions at the chain's main GEMM shape timed in the same rounds.
 
     python benchmarks/bf16_chain.py                               # B = 64, 1024, 8192, every bfloat16 unit here
     python benchmarks/bf16_chain.py --batches 1024 --repeats 20 --out bf16.json
+    python benchmarks/bf16_chain.py --threads 1 --batches 1024 --no-eager --dims 100,16,16,1   # the width-free cost
 
 The chain: an MLP energy 100 → 200 → 200 → 1 (leaky ReLU 0.2), K = 60 ULA steps, ε = 0.01, N(0, I) prior, noise on,
 no clipping; z0 float32. Rows:
@@ -49,8 +50,8 @@ UNITS = ("amx_bf16", "avx512_bf16")
 TARGETS = {1024: (3.5, 1000.0), 64: (2.0, None)}
 
 
-def macs_per_sample() -> int:
-    return sum(a * b for a, b in zip(DIMS[:-1], DIMS[1:]))
+def macs_per_sample(dims=DIMS) -> int:
+    return sum(a * b for a, b in zip(dims[:-1], dims[1:]))
 
 
 def eager_chain(energy, z0: torch.Tensor, autocast: bool) -> torch.Tensor:
@@ -96,17 +97,18 @@ def mm_best(batch: int, dtype: torch.dtype, tries: int = 5) -> float:
     return best
 
 
-def measure(batch: int, repeats: int, units) -> list[dict]:
+def measure(batch: int, repeats: int, units, dims=DIMS, eager: bool = True) -> list[dict]:
     torch.manual_seed(0)
-    energy = fl.MLPEnergy(DIMS, "leaky_relu").requires_grad_(False)
+    energy = fl.MLPEnergy(dims, "leaky_relu").requires_grad_(False)
     energy_bf16 = copy.deepcopy(energy).to(torch.bfloat16)
-    z0 = torch.randn(batch, DIMS[0])
+    z0 = torch.randn(batch, dims[0])
     impls = {}
     for unit in units:
         impls[f"fused bf16 {unit}"] = fused_chain(energy_bf16, z0, unit)
     impls["fused f32"] = fused_chain(energy, z0, None)
-    impls["eager f32"] = (lambda: eager_chain(energy, z0, False)), "torch eager"
-    impls["eager autocast"] = (lambda: eager_chain(energy, z0, True)), "torch eager, autocast bf16"
+    if eager:
+        impls["eager f32"] = (lambda: eager_chain(energy, z0, False)), "torch eager"
+        impls["eager autocast"] = (lambda: eager_chain(energy, z0, True)), "torch eager, autocast bf16"
     times = {name: [] for name in impls}
     mm = {torch.float32: [], torch.bfloat16: []}
     for fn, _ in impls.values():
@@ -118,7 +120,7 @@ def measure(batch: int, repeats: int, units) -> list[dict]:
             times[name].append(time.perf_counter() - t0)
         for dtype in mm:
             mm[dtype].append(mm_best(batch, dtype))
-    gflop = 4 * macs_per_sample() * batch * N_STEPS / 1e9
+    gflop = 4 * macs_per_sample(dims) * batch * N_STEPS / 1e9
     mm_rate = {dtype: 2 * batch * 200 * 200 / statistics.median(s) / 1e9 for dtype, s in mm.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
     rows = []
@@ -126,7 +128,8 @@ def measure(batch: int, repeats: int, units) -> list[dict]:
         rows.append(dict(batch=batch, impl=name, ran=ran, median_ms=median[name] * 1e3,
                          min_ms=min(times[name]) * 1e3, max_ms=max(times[name]) * 1e3,
                          vs_fused_f32=median["fused f32"] / median[name],
-                         vs_eager_f32=median["eager f32"] / median[name], gflops=gflop / median[name],
+                         vs_eager_f32=median["eager f32"] / median[name] if eager else None,
+                         gflops=gflop / median[name],
                          of_mm_bf16=gflop / median[name] / mm_rate[torch.bfloat16],
                          mm_f32_gflops=mm_rate[torch.float32], mm_bf16_gflops=mm_rate[torch.bfloat16],
                          repeats=repeats))
@@ -152,10 +155,20 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 1024, 8192])
     parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds (default 10)")
     parser.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
+    parser.add_argument("--dims", default=",".join(map(str, DIMS)),
+                        help="the energy's widths, D,...,1 (default %(default)s; e.g. 100,16,16,1 for a chain whose "
+                             "products are negligible: the cost that does not depend on the hidden widths)")
+    parser.add_argument("--no-eager", action="store_true", help="skip the eager rows (slow at large B)")
     parser.add_argument("--out", default=None, help="write the rows and the machine as JSON here")
     args = parser.parse_args(argv)
     if args.repeats < 1 or any(b < 1 for b in args.batches):
         parser.error("--repeats and --batches must be >= 1")
+    try:
+        dims = tuple(int(d) for d in args.dims.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) < 2 or dims[-1] != 1 or min(dims) < 1:
+        parser.error(f"--dims must be positive widths ending in 1, e.g. 100,200,200,1; got {args.dims!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     status = fl.backend_info().bf16_chain.get("cpu", "none")
@@ -165,28 +178,29 @@ def main(argv=None) -> list[dict]:
     print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads); "
           f"load average {info['load_average_at_start']:.2f} at the start")
     print(f"bfloat16 chain here: {status}")
-    print(f"MLP {'-'.join(map(str, DIMS))}, K = {N_STEPS}, {args.repeats} interleaved rounds; FLOPs: {FLOP_COUNT}")
+    print(f"MLP {'-'.join(map(str, dims))}, K = {N_STEPS}, {args.repeats} interleaved rounds; FLOPs: {FLOP_COUNT}")
     print(f"{'B':>5s} {'impl':24s} {'ran':28s} {'median ms':>10s} {'x fused f32':>11s} {'x eager':>8s} "
           f"{'GFLOP/s':>8s} {'of mm bf16':>10s}")
     rows = []
     for batch in args.batches:
-        batch_rows = measure(batch, args.repeats, units)
+        batch_rows = measure(batch, args.repeats, units, dims, not args.no_eager)
         rows.extend(batch_rows)
         for row in batch_rows:
+            vs_eager = "" if row["vs_eager_f32"] is None else f"{row['vs_eager_f32']:.2f}"
             print(f"{row['batch']:5d} {row['impl']:24s} {row['ran']:28s} {row['median_ms']:10.2f} "
-                  f"{row['vs_fused_f32']:11.2f} {row['vs_eager_f32']:8.2f} {row['gflops']:8.1f} "
+                  f"{row['vs_fused_f32']:11.2f} {vs_eager:>8s} {row['gflops']:8.1f} "
                   f"{row['of_mm_bf16']:10.0%}")
         row = batch_rows[0]
         print(f"{batch:5d} torch.mm ({batch}x200)(200x200): float32 {row['mm_f32_gflops']:.0f} GFLOP/s, "
               f"bfloat16 {row['mm_bf16_gflops']:.0f} GFLOP/s", flush=True)
     info["load_average_at_end"] = load_average()
     print(f"load average {info['load_average_at_end']:.2f} at the end")
-    targets = check_targets(rows)
+    targets = check_targets(rows) if dims == DIMS else []  # the targets are for its network
     for line in targets:
         print(line)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(machine=info, bf16_chain=status, dims=DIMS, n_steps=N_STEPS, flop_count=FLOP_COUNT,
+            json.dump(dict(machine=info, bf16_chain=status, dims=dims, n_steps=N_STEPS, flop_count=FLOP_COUNT,
                            rows=rows, targets=targets), f, indent=1)
     return rows
 
