@@ -9,8 +9,9 @@ Backends of the fused step op:
   build is missing (``fastlangevin.ops.nvrtc``); the status says which route runs (``_ext.cuda_route()``).
 * ``triton`` — a Triton kernel, CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (for testing).
 
-``"auto"`` takes the first available backend of ``AUTO_ORDER[device type]`` that supports the dtype. A fallback
-(the preferred backend is missing) is logged once and recorded; ``backend_info()`` reports it. Nothing is silent.
+``"auto"`` takes the first available backend of ``AUTO_ORDER[device type]`` that supports the dtype; tensors on any
+other device with data (mps, xpu, …) run the reference backend. A fallback (the preferred backend is missing) is
+logged once and recorded; ``backend_info()`` reports it. Nothing is silent.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 # Preference for "auto": the compiled C++/CUDA kernels launch without Python overhead, which dominates for the
 # small latents (B x 100) of latent EBMs; Triton is the next choice on a GPU.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+OTHER_DEVICES_ORDER = ("reference",)  # plain PyTorch runs wherever torch does
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SUPPORTED_DTYPES = {
     "reference": FLOAT_DTYPES,
@@ -42,8 +44,9 @@ SUPPORTED_DTYPES = {
 }
 
 
-class BackendUnavailableError(RuntimeError):
-    """A backend was asked for that cannot run here; the message says why and what is available."""
+class BackendUnavailableError(RuntimeError, ValueError):
+    """A backend was asked for that cannot run these tensors here; the message says why and what is available.
+    A ``ValueError`` too: it is the ``backend=`` argument that cannot be honoured."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +80,18 @@ def _triton_importable() -> str | None:
     return None
 
 
+def check_backend_name(name) -> None:
+    """``ValueError`` unless ``name`` is ``"auto"`` or one of ``BACKENDS`` (``TypeError`` for a non-string)."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}, got {type(name).__name__} "
+                        f"{name!r}")
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend: unknown {name!r}; choose one of {('auto',) + BACKENDS}")
+
+
 def backend_status(name: str, device_type: str) -> BackendStatus:
-    """Whether backend ``name`` can run on tensors of ``device_type`` ('cpu' or 'cuda') here, and why (not)."""
+    """Whether backend ``name`` can run on tensors of ``device_type`` ('cpu', 'cuda', …) here, and why (not)."""
+    check_backend_name(name)
     if name == "reference":
         return BackendStatus(name, True, "plain PyTorch")
     if name == "cpu":
@@ -101,10 +114,12 @@ def backend_status(name: str, device_type: str) -> BackendStatus:
             if not torch.cuda.is_available():
                 return BackendStatus(name, False, "torch sees no CUDA device")
             return BackendStatus(name, True, "Triton, compiled for the GPU")
+        if device_type != "cpu":
+            return BackendStatus(name, False, "runs on CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)")
         if triton_interpret():
             return BackendStatus(name, True, "Triton interpreter (TRITON_INTERPRET=1), for testing: slow")
         return BackendStatus(name, False, "CPU tensors need TRITON_INTERPRET=1 (the interpreter, for tests only)")
-    raise ValueError(f"backend: unknown {name!r}; choose one of {('auto',) + BACKENDS}")
+    raise AssertionError(name)  # pragma: no cover (check_backend_name)
 
 
 _fallbacks: dict[tuple[str, str, str], str] = {}
@@ -140,12 +155,11 @@ _resolve._dynamo_marked_constant = True
 
 
 def _choose(requested: str, device_type: str, dtype: torch.dtype) -> str:
-    if device_type not in AUTO_ORDER:
-        raise BackendUnavailableError(f"fastlangevin runs on CPU and CUDA tensors, got a tensor on {device}")
+    order = AUTO_ORDER.get(device_type, OTHER_DEVICES_ORDER)
     if requested != "auto":
         status = backend_status(requested, device_type)
         if not status.available:
-            usable = [b for b in AUTO_ORDER[device_type] if backend_status(b, device_type).available]
+            usable = [b for b in order if backend_status(b, device_type).available]
             raise BackendUnavailableError(
                 f"backend {requested!r} is not available for {device_type} tensors: {status.reason}. "
                 f"Available here: {usable}; backend='auto' picks the best of them.")
@@ -154,8 +168,8 @@ def _choose(requested: str, device_type: str, dtype: torch.dtype) -> str:
                 f"backend {requested!r} supports {[str(d) for d in SUPPORTED_DTYPES[requested]]}, got {dtype}; "
                 f"use backend='reference' or convert z")
         return requested
-    skipped = []
-    for name in AUTO_ORDER[device_type]:
+    skipped = [] if device_type in AUTO_ORDER else [f"{device_type} tensors run the plain-PyTorch reference only"]
+    for name in order:
         status = backend_status(name, device_type)
         if status.available and dtype in SUPPORTED_DTYPES[name]:
             if skipped:

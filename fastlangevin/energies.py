@@ -13,6 +13,8 @@ module, and how to read the parameter back from a module.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, NamedTuple
 
 import torch
@@ -20,6 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fastlangevin.ops import codes
+from fastlangevin.ops.langevin_step import check_int, check_real
 from fastlangevin.ops.mlp_chain import MLPNetwork
 
 
@@ -74,18 +77,65 @@ def _parse_activation(spec, where: str) -> tuple[str, float]:
     if isinstance(spec, nn.Module):
         return activation_of(spec)
     name, param = spec if isinstance(spec, tuple) and len(spec) == 2 else (spec, None)
+    if not isinstance(name, str):
+        raise TypeError(f"{where}: an activation is a name of {sorted(ACTIVATIONS)}, a (name, parameter) pair or "
+                        f"one of their nn modules, got {type(spec).__name__} {spec!r}")
     name = ALIASES.get(name, name)
     if name not in ACTIVATIONS:
         raise ValueError(f"{where}: unknown activation {spec!r}; choose one of {sorted(ACTIVATIONS)}, a (name, "
                          f"parameter) pair or one of their nn modules")
-    return name, float(ACTIVATIONS[name].default_param if param is None else param)
+    if param is None:
+        return name, float(ACTIVATIONS[name].default_param)
+    return name, check_real(f"{where} parameter", param, "a finite real number")
 
 
-def _check_dims(dims) -> tuple[int, ...]:
+def _check_dims(dims, what: str = "(d_0, ..., d_L) with L >= 1 layers") -> tuple[int, ...]:
+    """``dims`` as a tuple of ints >= 1 (Python or NumPy integers, never bools or floats), at least two."""
+    try:
+        dims = tuple(dims)
+    except TypeError:
+        raise TypeError(f"dims must be a sequence of ints {what}, got {type(dims).__name__}") from None
+    if any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in dims):
+        raise TypeError(f"dims must be ints {what}, got {dims!r}")
     dims = tuple(int(d) for d in dims)
     if len(dims) < 2 or any(d < 1 for d in dims):
-        raise ValueError(f"dims must be (d_0, ..., d_L) with L >= 1 layers and positive sizes, got {dims}")
+        raise ValueError(f"dims must be {what} and positive sizes, got {dims}")
     return dims
+
+
+def _check_network_input(network: "MLP", x: torch.Tensor, what: str, mixed: bool = False) -> None:
+    """What a network's forward takes: x (B, *shape) with ``dims[0]`` features, of its parameters' dtype (or, in a
+    ``mixed``-precision chain, float32 x and bfloat16 parameters) and on their device (``ValueError``/``TypeError``
+    naming ``what``)."""
+    if x.dim() < 1 or math.prod(x.shape[1:]) != network.dims[0]:
+        raise ValueError(f"{what} ({type(network).__name__}) expects inputs with {network.dims[0]} features per "
+                         f"sample, got shape {tuple(x.shape)}")
+    for name, p in network.named_parameters():
+        if p.dtype != (torch.bfloat16 if mixed else x.dtype):
+            raise TypeError(f"{what}: parameter {name} is {p.dtype} but its input is {x.dtype}; make them the same "
+                            f"dtype (module.to({x.dtype}) or z.to({p.dtype}))")
+        if p.device != x.device:
+            raise ValueError(f"{what}: parameter {name} is on {p.device} but its input is on {x.device}; move one "
+                             f"of them (module.to(z.device))")
+
+
+def check_latents(energy, z: torch.Tensor) -> None:
+    """The one rule for what fastlangevin's own energies take (``MLP``/``MLPEnergy``, ``GaussianPosteriorEnergy``,
+    ``GaussianMixtureEnergy``): z's features, dtype and device must fit their networks and data. ``fl.langevin``
+    applies it before it picks a path, so such a call fails alike on the fused chain, the step-op chain and with
+    ``create_graph`` or a callable prior; any other callable is held to what it returns. Raises
+    ``TypeError``/``ValueError`` naming the energy."""
+    if isinstance(energy, MLP):
+        _check_network_input(energy, z, "energy", mixed_precision(energy, z))
+    elif isinstance(energy, (GaussianPosteriorEnergy, GaussianMixtureEnergy)):
+        energy.check_latents(z)
+
+
+def mixed_precision(energy: nn.Module, z: torch.Tensor) -> bool:
+    """Whether ``energy`` runs a mixed-precision (bfloat16) chain from z: z float32 and every parameter bfloat16
+    (the other mixed case, float32 parameters under ``torch.autocast``, has matching dtypes)."""
+    params = list(energy.parameters())
+    return z.dtype == torch.float32 and bool(params) and all(p.dtype == torch.bfloat16 for p in params)
 
 
 def _kernel_weight(linear: nn.Linear) -> torch.Tensor:
@@ -119,11 +169,13 @@ class MLP(nn.Module):
     def __init__(self, dims, activation="leaky_relu", output_activation="identity", *, bias: bool = True):
         super().__init__()
         dims = _check_dims(dims)
-        hidden = activation if isinstance(activation, list) else [activation] * (len(dims) - 2)
-        if len(hidden) != len(dims) - 2:
-            raise ValueError(f"activation: a list needs one entry per hidden layer ({len(dims) - 2} for dims {dims}), "
-                             f"got {len(hidden)}")
-        specs = [_parse_activation(a, f"activation[{i}]") for i, a in enumerate(hidden)]
+        if isinstance(activation, list):
+            if len(activation) != len(dims) - 2:
+                raise ValueError(f"activation: a list needs one entry per hidden layer ({len(dims) - 2} for dims "
+                                 f"{dims}), got {len(activation)}")
+            specs = [_parse_activation(a, f"activation[{i}]") for i, a in enumerate(activation)]
+        else:  # checked even where no hidden layer uses it
+            specs = [_parse_activation(activation, "activation")] * (len(dims) - 2)
         specs.append(_parse_activation(output_activation, "output_activation"))
         self._setup(dims, specs, [nn.Linear(i, o, bias=bias) for i, o in zip(dims[:-1], dims[1:])])
 
@@ -200,7 +252,7 @@ def _modules_in_order(module: nn.Module, prefix: str = ""):
 def _parse_sequential(seq: nn.Module):
     """(dims, [(activation, parameter)] per layer, [nn.Linear]) of a Sequential of Linear layers and activations."""
     if not isinstance(seq, nn.Sequential):
-        raise ValueError(f"from_sequential takes an nn.Sequential, got {type(seq).__name__}")
+        raise TypeError(f"from_sequential takes an nn.Sequential, got {type(seq).__name__}")
     linears, specs, pending = [], [], None  # pending: the activation of the last Linear, once seen
     for path, module in _modules_in_order(seq):
         where = f"layer {path} ({type(module).__name__})"
@@ -241,9 +293,9 @@ class MLPEnergy(MLP):
 
     def __init__(self, dims, activation="leaky_relu", activation_param: float | None = None, bias: bool = True,
                  output_sign: float = 1.0):
-        dims = tuple(int(d) for d in dims)
-        if len(dims) < 2 or dims[-1] != 1 or any(d < 1 for d in dims):
-            raise ValueError(f"dims must be (D, H1, ..., 1) with positive sizes and a last size of 1, got {dims}")
+        dims = _check_dims(dims, "(D, H1, ..., 1)")
+        if dims[-1] != 1:
+            raise ValueError(f"dims must be (D, H1, ..., 1) with a last size of 1 (one energy per sample), got {dims}")
         if activation_param is not None:
             if not isinstance(activation, str):
                 raise ValueError("activation_param goes with a single activation name; pass (name, parameter) "
@@ -271,8 +323,8 @@ class MLPEnergy(MLP):
 
 
 def _check_sign(output_sign) -> float:
-    if output_sign not in (1.0, -1.0):
-        raise ValueError(f"output_sign must be 1 or -1, got {output_sign}")
+    if isinstance(output_sign, bool) or not isinstance(output_sign, numbers.Real) or output_sign not in (1.0, -1.0):
+        raise ValueError(f"output_sign must be 1 or -1, got {output_sign!r}")
     return float(output_sign)
 
 
@@ -294,15 +346,16 @@ class GaussianPosteriorEnergy(nn.Module):
 
     def __init__(self, energy: nn.Module, generator: nn.Module, sigma: float, *, generator_inputs: int | None = None):
         super().__init__()
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < float("inf"):
-            raise ValueError(f"sigma must be a finite float > 0, got {sigma!r}")
+        for name, part in (("energy", energy), ("generator", generator)):
+            if not callable(part):
+                raise TypeError(f"{name} must be callable (an nn.Module or a function), got {type(part).__name__}")
+        sigma = check_real("sigma", sigma, "a finite real number > 0", low=0, strict=True)
         if generator_inputs is None and isinstance(generator, MLP):
             generator_inputs = generator.dims[0]
-        if generator_inputs is not None and (isinstance(generator_inputs, bool) or not isinstance(generator_inputs, int)
-                                             or generator_inputs < 1):
-            raise ValueError(f"generator_inputs must be None or an int >= 1, got {generator_inputs!r}")
+        if generator_inputs is not None:
+            generator_inputs = check_int("generator_inputs", generator_inputs, 1)
         self.energy, self.generator = energy, generator
-        self.sigma = float(sigma)
+        self.sigma = sigma
         self.generator_inputs = generator_inputs
         self._last_batch = None
 
@@ -315,9 +368,14 @@ class GaussianPosteriorEnergy(nn.Module):
     def set_target(self, x: torch.Tensor) -> "GaussianPosteriorEnergy":
         """Use the data x (B, *data_shape) for the next chains of B samples: copied, flattened to (B, P), into the
         buffer of batch size B (made on first use, or when P, dtype or device change). Returns self."""
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] < 1:
-            raise ValueError(f"x must be a tensor of shape (B, *data_shape) with B >= 1, got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor of shape (B, *data_shape), got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.dim() < 1 or x.shape[0] < 1:
+            raise ValueError(f"x must be a tensor of shape (B, *data_shape) with B >= 1, got {tuple(x.shape)}")
+        if x.device.type != "meta" and not bool(torch.isfinite(x).all()):
+            raise ValueError("x has non-finite entries")
         x = x.detach().reshape(x.shape[0], -1)
         name = f"target_{x.shape[0]}"
         held = getattr(self, name, None)
@@ -358,6 +416,27 @@ class GaussianPosteriorEnergy(nn.Module):
                              f"{tuple(z.shape)}")
         return self.generator(flat[:, :self.generator_inputs]).reshape(z.shape[0], -1)
 
+    def check_latents(self, z: torch.Tensor) -> None:
+        """Whether chains of z fit this posterior (see ``fastlangevin.energies.check_latents``): data for z's batch
+        size on z's device, and MLP parts (energy, generator) that take z's features, dtype and device."""
+        target = self.target_for(z.shape[0])
+        if target.device != z.device:
+            raise ValueError(f"energy: the posterior's data is on {target.device} but z is on {z.device}; call "
+                             f"set_target with data on z's device")
+        mixed = mixed_precision(self, z)
+        if isinstance(self.energy, MLP):
+            _check_network_input(self.energy, z, "energy.energy", mixed)
+        if self.generator_inputs is not None:
+            flat = z.reshape(z.shape[0], -1)
+            if flat.shape[1] < self.generator_inputs:
+                raise ValueError(f"energy: the generator reads the first {self.generator_inputs} latent features, "
+                                 f"got z of shape {tuple(z.shape)}")
+            if isinstance(self.generator, MLP):
+                _check_network_input(self.generator, flat[:, :self.generator_inputs], "energy.generator", mixed)
+        if isinstance(self.generator, MLP) and target.shape[1] != self.generator.dims[-1]:
+            raise ValueError(f"energy: the generator makes {self.generator.dims[-1]} values per sample but the data "
+                             f"set by set_target has {target.shape[1]}")
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         target = self.target_for(z.shape[0])
         squared_error = (target.to(z.dtype) - self.generate(z)).pow(2).sum(1)
@@ -372,17 +451,32 @@ class GaussianMixtureEnergy(nn.Module):
 
     def __init__(self, means: torch.Tensor, std: float, weights: torch.Tensor | None = None):
         super().__init__()
-        if means.dim() != 2:
-            raise ValueError(f"means must have shape (K, D), got {tuple(means.shape)}")
-        if not std > 0:
-            raise ValueError(f"std must be > 0, got {std}")
+        if not isinstance(means, torch.Tensor) or not means.is_floating_point():
+            raise TypeError(f"means must be a floating-point tensor of shape (K, D), got "
+                            f"{getattr(means, 'dtype', type(means).__name__)}")
+        if means.dim() != 2 or means.numel() == 0:
+            raise ValueError(f"means must have shape (K, D) with K, D >= 1, got {tuple(means.shape)}")
+        if not bool(torch.isfinite(means).all()):
+            raise ValueError("means has non-finite entries")
+        std = check_real("std", std, "a finite real number > 0", low=0, strict=True)
         k = means.shape[0]
         weights = torch.full((k,), 1.0 / k) if weights is None else weights
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() or weights.shape != (k,) \
+                or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not weights.sum() > 0:
+            raise ValueError(f"weights must be None or a float tensor of shape ({k},) with finite entries >= 0 and a "
+                             f"positive sum, got {weights!r}")
         self.register_buffer("means", means)
         self.register_buffer("log_weights", torch.log(weights / weights.sum()))
-        self.std = float(std)
+        self.std = std
+
+    def check_latents(self, z: torch.Tensor) -> None:
+        """z (B, D): D must be the means' (a wrong D used to broadcast into an error about tensor sizes)."""
+        if z.dim() != 2 or z.shape[1] != self.means.shape[1]:
+            raise ValueError(f"energy: GaussianMixtureEnergy expects z of shape (B, {self.means.shape[1]}), got "
+                             f"{tuple(z.shape)}")
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self.check_latents(z)
         means = self.means.to(z.dtype)
         sq = (z.unsqueeze(1) - means.unsqueeze(0)).pow(2).sum(-1)  # (B, K)
         return -torch.logsumexp(self.log_weights.to(z.dtype) - sq / (2 * self.std ** 2), dim=1)

@@ -231,26 +231,30 @@ def _state_visible(obj) -> bool:
     return isinstance(obj, nn.Module)
 
 
-def use_graph(cuda_graph: bool | None, energy, prior, z0: torch.Tensor, create_graph: bool, n_steps: int) -> bool:
-    """Whether ``fl.langevin`` runs this chain as a CUDA graph (see the module docstring for the default)."""
-    capturable = z0.device.type in CAPTURE_DEVICE_TYPES
-    if cuda_graph is None:
-        if not capturable or create_graph or n_steps == 0:
-            return False
-        for what, obj in (("energy", energy), ("prior", prior)):
-            if not _state_visible(obj):
-                note_fallback(f"chain with a plain-function {what} on {z0.device.type}", "the eager chain",
-                              "CUDA graphs are captured by default only for energies and priors that are nn.Modules "
-                              "(a graph is keyed on what it reads, and a function may read globals or objects that "
-                              "change unseen); build it as an nn.Module, or pass cuda_graph=True to graph it keyed "
-                              "on its code, closure and the globals it names")
-                return False
-        return True
-    if cuda_graph and not capturable:
+def check_cuda_graph(cuda_graph: bool | None, z0: torch.Tensor, create_graph: bool) -> None:
+    """``cuda_graph=True`` needs CUDA tensors and no ``create_graph``; raises ``ValueError`` naming it otherwise."""
+    if cuda_graph and z0.device.type not in CAPTURE_DEVICE_TYPES:
         raise ValueError(f"cuda_graph=True needs z0 on a CUDA device, got {z0.device}")
     if cuda_graph and create_graph:
         raise ValueError("cuda_graph=True cannot keep the autograd graph of the chain (create_graph=True)")
-    return bool(cuda_graph) and n_steps > 0
+
+
+def use_graph(cuda_graph: bool | None, energy, prior, z0: torch.Tensor, create_graph: bool, n_steps: int) -> bool:
+    """Whether ``fl.langevin`` runs this (checked) chain as a CUDA graph; see the module docstring for the
+    default."""
+    if cuda_graph is not None:
+        return cuda_graph and n_steps > 0
+    if z0.device.type not in CAPTURE_DEVICE_TYPES or create_graph or n_steps == 0:
+        return False
+    for what, obj in (("energy", energy), ("prior", prior)):
+        if not _state_visible(obj):
+            note_fallback(f"chain with a plain-function {what} on {z0.device.type}", "the eager chain",
+                          "CUDA graphs are captured by default only for energies and priors that are nn.Modules "
+                          "(a graph is keyed on what it reads, and a function may read globals or objects that "
+                          "change unseen); build it as an nn.Module, or pass cuda_graph=True to graph it keyed on "
+                          "its code, closure and the globals it names")
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------- the cache

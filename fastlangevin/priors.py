@@ -30,7 +30,7 @@ class Prior(nn.Module):
         return None
 
     def sample(self, n: int, latent_shape, *, dtype=torch.float32, device=None, generator=None) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} cannot be sampled; pass z0 explicitly")
+        raise ValueError(f"prior {type(self).__name__} cannot be sampled; pass z0 explicitly")
 
 
 class FlatPrior(Prior):
@@ -67,14 +67,7 @@ class DiagonalNormalPrior(Prior):
 
     def __init__(self, mean, log_std):
         super().__init__()
-        mean = torch.as_tensor(mean, dtype=torch.get_default_dtype()) if not torch.is_tensor(mean) else mean
-        log_std = (torch.as_tensor(log_std, dtype=torch.get_default_dtype()) if not torch.is_tensor(log_std)
-                   else log_std)
-        for name, value in (("mean", mean), ("log_std", log_std)):
-            if not value.is_floating_point():
-                raise TypeError(f"DiagonalNormalPrior: {name} must be floating point, got {value.dtype}")
-            if not bool(torch.isfinite(value.detach()).all()):
-                raise ValueError(f"DiagonalNormalPrior: {name} has non-finite entries")
+        mean, log_std = _float_tensor("mean", mean), _float_tensor("log_std", log_std)
         if isinstance(mean, nn.Parameter):
             self.mean = mean
         else:
@@ -89,7 +82,7 @@ class DiagonalNormalPrior(Prior):
             mean = self.mean.expand(latent_shape)
             log_std = self.log_std.expand(latent_shape)
         except RuntimeError:
-            raise ValueError(f"DiagonalNormalPrior: mean {tuple(self.mean.shape)} and log_std "
+            raise ValueError(f"prior: DiagonalNormalPrior mean {tuple(self.mean.shape)} and log_std "
                              f"{tuple(self.log_std.shape)} do not broadcast to the latent shape "
                              f"{tuple(latent_shape)}") from None
         return mean, log_std
@@ -111,11 +104,30 @@ class DiagonalNormalPrior(Prior):
         return (mean.to(eps) + torch.exp(log_std.to(eps)) * eps).detach()
 
 
+def _float_tensor(name: str, value) -> torch.Tensor:
+    """A DiagonalNormalPrior parameter: a finite floating-point tensor (or float, or nested list of them)."""
+    if not torch.is_tensor(value):
+        if isinstance(value, bool):
+            raise TypeError(f"prior: DiagonalNormalPrior {name} must be a float or a float tensor, got {value!r}")
+        try:
+            value = torch.as_tensor(value, dtype=torch.get_default_dtype())
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"prior: DiagonalNormalPrior {name} must be a float or a float tensor, got "
+                            f"{type(value).__name__} ({error})") from None
+    if not value.is_floating_point():
+        raise TypeError(f"prior: DiagonalNormalPrior {name} must be floating point, got {value.dtype}")
+    if value.device.type != "meta" and not bool(torch.isfinite(value.detach()).all()):
+        raise ValueError(f"prior: DiagonalNormalPrior {name} has non-finite entries")
+    return value
+
+
 class CallablePrior(Prior):
     """Wraps ``log_prob(z) -> (B,)``; its gradient is taken by autograd each step (no fused prior term)."""
 
     def __init__(self, log_prob: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
+        if not callable(log_prob):
+            raise TypeError(f"prior: CallablePrior needs a log_prob callable, got {type(log_prob).__name__}")
         self._log_prob = log_prob
 
     def log_prob(self, z):

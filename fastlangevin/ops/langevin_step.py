@@ -10,6 +10,7 @@ chains built with ``create_graph=True`` work). The reference backend is plain di
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -139,46 +140,93 @@ for _op in COMPILED_OPS.values():
 on_resolve("triton", _register_triton_op)
 
 
+def check_int(name: str, value, low: int = 0, high: int = MAX_SEED) -> int:
+    """``value`` as an int in [low, high]: Python and NumPy integers, never bools (``TypeError`` / ``ValueError``
+    naming ``name``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int in [{low}, {_show_bound(high)}], got {type(value).__name__} "
+                        f"{value!r}")
+    value = int(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an int in [{low}, {_show_bound(high)}], got {value}")
+    return value
+
+
+def check_real(name: str, value, what: str, *, low: float | None = None, strict: bool = False) -> float:
+    """``value`` as a finite float, >= ``low`` (> ``low`` when ``strict``; no bound when None): Python and NumPy
+    reals, never bools or tensors (``TypeError`` / ``ValueError`` saying ``name`` must be ``what``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or (low is not None and (value < low or (strict and value == low))):
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return value
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool: ``True``/``False`` or a NumPy bool, nothing merely truthy."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def _show_bound(high: int) -> str:
+    return "2**63 - 1" if high == MAX_SEED else str(high)
+
+
 def make_rng_state(seed: int, counter: int = 0, device=None) -> torch.Tensor:
     """The int64 ``[seed, counter]`` tensor that kernels read (and a chain advances in place, graph-safely)."""
-    for name, value in (("seed", seed), ("counter", counter)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
-            raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
+    seed, counter = check_int("seed", seed), check_int("counter", counter)
     return torch.tensor([seed, counter], dtype=torch.int64, device=device)
+
+
+def check_rng_state(rng_state, z: torch.Tensor) -> None:
+    """An int64, contiguous ``[seed, counter]`` on z's device; on the CPU its values are checked too (reading them
+    from a GPU would synchronise every step; under ``torch.compile`` they are data the graph cannot branch on)."""
+    if not isinstance(rng_state, torch.Tensor):
+        raise TypeError(f"rng_state must be an int64 tensor [seed, counter], got {type(rng_state).__name__}")
+    if rng_state.dtype != torch.int64 or rng_state.shape != (2,) or rng_state.device != z.device \
+            or not rng_state.is_contiguous():
+        raise ValueError(f"rng_state must be a contiguous int64 tensor [seed, counter] of shape (2,) on {z.device} "
+                         f"(see fl.ops.make_rng_state), got {rng_state.dtype} {tuple(rng_state.shape)} "
+                         f"{'' if rng_state.is_contiguous() else 'non-contiguous '}on {rng_state.device}")
+    if rng_state.device.type == "cpu" and not torch.compiler.is_compiling() and bool((rng_state < 0).any()):
+        raise ValueError(f"rng_state must hold a seed and a counter in [0, 2**63 - 1], got {rng_state.tolist()}")
 
 
 def check_step_inputs(z: torch.Tensor, grad: torch.Tensor) -> None:
     """Shapes, dtypes and devices of the step's tensors; raises with the offending values."""
-    if not isinstance(z, torch.Tensor) or not isinstance(grad, torch.Tensor):
-        raise TypeError(f"z and grad must be tensors, got {type(z).__name__} and {type(grad).__name__}")
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z must be a tensor of shape (B, *latent_shape), got {type(z).__name__}")
+    if not isinstance(grad, torch.Tensor):
+        raise TypeError(f"grad must be a tensor like z, got {type(grad).__name__}")
     if not z.is_floating_point():
         raise TypeError(f"z must be a floating-point tensor (Langevin moves a continuous state), got {z.dtype}; "
                         f"convert it with z.float()")
+    check_device("z", z)
+    if z.dim() < 1:
+        raise ValueError("z must have a batch dimension: shape (B, *latent_shape)")
     if grad.shape != z.shape:
         raise ValueError(f"grad has shape {tuple(grad.shape)} but z has shape {tuple(z.shape)}")
     if grad.dtype != z.dtype:
         raise TypeError(f"grad has dtype {grad.dtype} but z has dtype {z.dtype}")
     if grad.device != z.device:
         raise ValueError(f"grad is on {grad.device} but z is on {z.device}")
-    if z.dim() < 1:
-        raise ValueError("z must have a batch dimension: shape (B, *latent_shape)")
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    """A tensor with data: a meta tensor has none to sample."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (shapes only, no data); Langevin sampling needs values: pass a "
+                         f"tensor on the CPU or a GPU")
 
 
 def check_hyper(step_size, noise_scale) -> tuple[float, float]:
     """Validated ``(step_size, noise_scale)`` as floats; ``noise_scale=None`` means ``sqrt(step_size)``."""
-    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
-        raise TypeError(f"step_size must be a positive float, got {type(step_size).__name__}")
-    step_size = float(step_size)
-    if not math.isfinite(step_size) or step_size <= 0:
-        raise ValueError(f"step_size must be finite and > 0, got {step_size}")
+    step_size = check_real("step_size", step_size, "a finite real number > 0", low=0, strict=True)
     if noise_scale is None:
         return step_size, math.sqrt(step_size)
-    if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)):
-        raise TypeError(f"noise_scale must be a float >= 0 or None, got {type(noise_scale).__name__}")
-    noise_scale = float(noise_scale)
-    if not math.isfinite(noise_scale) or noise_scale < 0:
-        raise ValueError(f"noise_scale must be finite and >= 0, got {noise_scale}")
-    return step_size, noise_scale
+    return step_size, check_real("noise_scale", noise_scale, "None or a finite real number >= 0", low=0)
 
 
 def run_step(backend: str, z, grad, rng_state, step_size: float, noise_scale: float, prior_kind: int,
@@ -226,16 +274,20 @@ def langevin_step(z: torch.Tensor, grad: torch.Tensor, step_size: float, noise_s
     prior: ``"normal"`` (N(0, I)), ``None``/``"flat"``, or a ``fastlangevin`` prior the kernel evaluates
     (``fl.DiagonalNormalPrior(mean, log_std)``); for any other prior add −∇log prior(z) to grad and pass None (the
     chain API ``fl.langevin`` does that by autograd).
-    seed, counter: the noise is ``philox.normal_noise`` at ``[seed, counter]``; or pass ``rng_state`` (int64
-    ``[seed, counter]`` on z's device), which graph-captured chains advance in place.
+    seed, counter: ints in [0, 2**63); the noise is ``philox.normal_noise`` at ``[seed, counter]``; or pass
+    ``rng_state`` (a contiguous int64 ``[seed, counter]`` on z's device, see ``make_rng_state``), which
+    graph-captured chains advance in place; on the CPU its values are checked, on a GPU they are not read.
+    backend: ``"auto"`` or a name of ``fl.backend_info()``. Bad arguments raise ``TypeError``/``ValueError``
+    naming them (``fl.BackendUnavailableError``, a ``ValueError``, for a backend that cannot run z); z and grad are
+    not checked for finiteness (that would synchronise every step).
     """
     check_step_inputs(z, grad)
     step_size, noise_scale = check_hyper(step_size, noise_scale)
+    seed, counter = check_int("seed", seed), check_int("counter", counter)
     params = kernel_prior_args(prior, z)
     chosen = resolve_backend(backend, z.device, z.dtype)
     if rng_state is None:
         rng_state = make_rng_state(seed, counter, z.device)
-    elif rng_state.dtype != torch.int64 or rng_state.shape != (2,) or rng_state.device != z.device:
-        raise ValueError(f"rng_state must be an int64 tensor [seed, counter] on {z.device}, got "
-                         f"{rng_state.dtype} {tuple(rng_state.shape)} on {rng_state.device}")
+    else:
+        check_rng_state(rng_state, z)
     return run_step(chosen, z.contiguous(), grad.contiguous(), rng_state, step_size, noise_scale, *params)

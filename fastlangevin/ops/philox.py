@@ -17,6 +17,7 @@ The arithmetic runs in float64 for float64 tensors and in float32 otherwise (hal
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -61,6 +62,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_state(rng_state) -> None:
+    """``rng_state``: an integer tensor ``[seed, counter]`` (its values are read by kernels, not here: no sync)."""
+    if not isinstance(rng_state, torch.Tensor) or rng_state.shape != (2,) or rng_state.dtype == torch.bool \
+            or rng_state.is_floating_point() or rng_state.is_complex():
+        raise TypeError(f"rng_state must be an integer tensor [seed, counter] of shape (2,), got "
+                        f"{getattr(rng_state, 'dtype', type(rng_state).__name__)} "
+                        f"{tuple(getattr(rng_state, 'shape', ()))}")
+
+
 def normal_noise(n: int, rng_state: torch.Tensor, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> torch.Tensor:
     """``n`` standard normals of the stream at ``rng_state = tensor([seed, counter], dtype=int64)``.
@@ -68,6 +78,13 @@ def normal_noise(n: int, rng_state: torch.Tensor, dtype: torch.dtype = torch.flo
     Returns a 1-D tensor of ``compute_dtype(dtype)`` on ``device`` (default: ``rng_state``'s). Reads the state as a
     tensor (no ``.item()``), so it can be captured in a CUDA graph.
     """
+    if isinstance(n, bool) or not isinstance(n, (numbers.Integral, torch.SymInt)):  # SymInt: under torch.compile
+        raise TypeError(f"n must be an int >= 0, got {type(n).__name__} {n!r}")
+    if n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n}")
+    _check_state(rng_state)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     device = rng_state.device if device is None else torch.device(device)
     ctype = compute_dtype(dtype)
     state = rng_state.to(device=device, dtype=torch.int64)
