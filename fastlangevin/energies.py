@@ -225,12 +225,16 @@ class MLP(nn.Module):
         """Adopt an ``nn.Sequential`` of ``nn.Linear`` layers and supported activations, sharing its layers (no
         copy: training ``seq`` trains the adopted network, and frozen layers stay frozen).
 
-        Nested ``nn.Sequential``s are flattened and ``nn.Identity``/``nn.Flatten`` skipped; two Linear layers in a
-        row have the identity between them, so ``nn.Sequential(decoder, energy_net)`` is one network. A
+        Nested ``nn.Sequential``s and ``fl.MLP``s are flattened and ``nn.Identity``/``nn.Flatten`` skipped; two
+        Linear layers in a row have the identity between them, so ``nn.Sequential(decoder, energy_net)`` is one
+        network. A
         parametrised weight (``spectral_norm``) is read as its forward computes it. Raises ``ValueError`` naming
         a layer it cannot adopt and why.
         """
-        dims, specs, linears = _parse_sequential(seq)
+        dims, specs, linears, sign = _parse_sequential(seq)
+        if sign is not None:
+            raise ValueError("the Sequential ends with an fl.MLPEnergy, whose output is an energy, not features: adopt "
+                             "it with fl.MLPEnergy.from_sequential")
         return cls._from_parts(dims, specs, linears)
 
     def extra_repr(self) -> str:
@@ -240,22 +244,35 @@ class MLP(nn.Module):
 
 
 def _modules_in_order(module: nn.Module, prefix: str = ""):
-    """(path, module) of the layers of a Sequential, nested ones flattened, Identity and Flatten skipped."""
+    """(path, module, owner) of the layers of a Sequential: nested Sequentials and ``fl.MLP``s flattened (owner: the
+    ``fl.MLP`` a layer belongs to, else None), Identity and Flatten skipped."""
     for name, child in module.named_children():
         path = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):
             yield from _modules_in_order(child, path + ".")
+        elif isinstance(child, MLP):
+            for i, (layer, act) in enumerate(zip(child.layers, child.acts)):
+                yield f"{path}.layers.{i}", layer, child
+                if not isinstance(act, nn.Identity):
+                    yield f"{path}.acts.{i}", act, child
         elif not isinstance(child, (nn.Identity, nn.Flatten)):
-            yield path, child
+            yield path, child, None
 
 
 def _parse_sequential(seq: nn.Module):
-    """(dims, [(activation, parameter)] per layer, [nn.Linear]) of a Sequential of Linear layers and activations."""
+    """(dims, [(activation, parameter)] per layer, [nn.Linear], sign) of a Sequential of Linear layers and
+    activations; sign: the ``output_sign`` of an ``fl.MLPEnergy`` nested last, None without one."""
     if not isinstance(seq, nn.Sequential):
         raise TypeError(f"from_sequential takes an nn.Sequential, got {type(seq).__name__}")
     linears, specs, pending = [], [], None  # pending: the activation of the last Linear, once seen
-    for path, module in _modules_in_order(seq):
+    energy = None  # (path, MLPEnergy) once a nested energy's layers begin: nothing may follow it
+    for path, module, owner in _modules_in_order(seq):
         where = f"layer {path} ({type(module).__name__})"
+        if energy is not None and owner is not energy[1]:
+            raise ValueError(f"{where} follows the fl.MLPEnergy {energy[0]}, whose output is the energy (B,); an "
+                             f"MLPEnergy can only come last")
+        if isinstance(owner, MLPEnergy) and energy is None:
+            energy = (path.rsplit(".layers.", 1)[0], owner)
         if isinstance(module, nn.Linear):
             if linears and module.in_features != linears[-1].out_features:
                 raise ValueError(f"{where}: takes {module.in_features} features but the layer before gives "
@@ -277,7 +294,7 @@ def _parse_sequential(seq: nn.Module):
         raise ValueError("the Sequential holds no nn.Linear layer")
     specs.append(pending or ("identity", 0.0))
     dims = [linears[0].in_features] + [m.out_features for m in linears]
-    return dims, specs, linears
+    return dims, specs, linears, None if energy is None else energy[1].output_sign
 
 
 class MLPEnergy(MLP):
@@ -312,14 +329,15 @@ class MLPEnergy(MLP):
         """Adopt ``Linear → act → … → Linear(·, 1)`` as ``MLP.from_sequential`` does (shared layers, nested
         Sequentials flattened, two Linears in a row = identity between them), e.g.
         ``MLPEnergy.from_sequential(nn.Sequential(vae.decoder, energy_net))`` for E(G(z)). The last layer must be
-        ``nn.Linear(·, 1)`` with no activation after it."""
-        dims, specs, linears = _parse_sequential(seq)
+        ``nn.Linear(·, 1)`` with no activation after it; ``energy_net`` may itself be an ``MLPEnergy`` (then last:
+        the result's sign is ``output_sign`` times its own)."""
+        dims, specs, linears, sign = _parse_sequential(seq)
         if dims[-1] != 1:
             raise ValueError(f"an energy's last nn.Linear must have one output, got {dims[-1]} (dims {tuple(dims)})")
         if specs[-1][0] != "identity":
             raise ValueError(f"the Sequential must end with nn.Linear(·, 1) (its output is the energy); it ends with "
                              f"an activation ({specs[-1][0]})")
-        return cls._from_parts(dims, specs, linears, output_sign=_check_sign(output_sign))
+        return cls._from_parts(dims, specs, linears, output_sign=_check_sign(output_sign) * (sign or 1.0))
 
 
 def _check_sign(output_sign) -> float:
@@ -501,7 +519,16 @@ class FusedTerms(NamedTuple):
 def fused_terms(energy, batch: int | None = None) -> FusedTerms | str | None:
     """The fused chain's terms for ``energy`` and chains of ``batch`` samples (default: the posterior's last data);
     a string saying why not for a kind of energy it runs when the parts do not fit; None for any other energy (it
-    runs step by step, as every callable may) or a posterior without data for ``batch`` (its forward says so)."""
+    runs step by step, as every callable may) or a posterior without data for ``batch`` (its forward says so).
+
+    Any energy can take part: a method ``fused_energy()`` returns the ``MLPEnergy`` or ``GaussianPosteriorEnergy``
+    it equals (sharing its parameters; e.g. a trainer's E(G(z)) module with MLP networks), or a sentence saying why
+    it has none (e.g. "its generator is a conv net"), which ``fl.langevin`` logs and ``fl.backend_info()`` shows."""
+    if not isinstance(energy, (MLPEnergy, GaussianPosteriorEnergy)) and callable(getattr(energy, "fused_energy",
+                                                                                           None)):
+        energy = energy.fused_energy()
+        if isinstance(energy, str):
+            return energy
     if isinstance(energy, MLPEnergy):
         return FusedTerms(energy)
     if isinstance(energy, GaussianPosteriorEnergy):

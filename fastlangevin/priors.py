@@ -133,6 +133,10 @@ class CallablePrior(Prior):
     def log_prob(self, z):
         return self._log_prob(z)
 
+    def extra_repr(self) -> str:
+        """The callable's qualified name (e.g. ``JointLatentEBM.prior``), so a log line says which prior it is."""
+        return getattr(self._log_prob, "__qualname__", type(self._log_prob).__name__)
+
 
 def as_prior(spec) -> Prior:
     """``"normal"`` → N(0, I); ``None`` or ``"flat"`` → flat; ``(mean, log_std)`` → diagonal Gaussian;

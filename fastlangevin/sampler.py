@@ -200,7 +200,9 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
     An ``fl.MLPEnergy`` (or an ``fl.GaussianPosteriorEnergy`` of an ``MLPEnergy`` and an ``fl.MLP`` generator) runs
     the whole chain as one fused kernel where it can (not with ``create_graph``, a prior the kernel cannot evaluate,
     a network beyond the kernel's limits, or ``backend="reference"``); ``info.backend`` then says ``cpu:fused`` or
-    ``triton:fused``. Why it did not is logged once and shown by ``fl.backend_info()``.
+    ``triton:fused``; so does any energy module whose ``fused_energy()`` returns one of them (a composition it
+    equals, see ``fastlangevin.energies.fused_terms``). Why it did not is logged once and shown by
+    ``fl.backend_info()``.
 
     Dtypes, one rule on every path: the chain runs in z0's dtype. The energy (and a ``log_prob`` prior) returns
     values of z's dtype, and a module's parameters are of z0's dtype (or all bfloat16 with a float32 z0: mixed
@@ -313,7 +315,7 @@ def _fused_plan(energy, z0, prior: Prior, step_backend: str, create_graph: bool)
         if create_graph:
             backend, why = None, "create_graph=True needs the autograd chain"
         elif prior.kernel_params(z0) is None:
-            backend, why = None, f"the prior {type(prior).__name__} is not one the kernel evaluates"
+            backend, why = None, f"the prior {prior} is not one the kernel evaluates (N(0, I), flat, diagonal normal)"
         elif z0.dtype not in FUSED_DTYPES:
             backend, why = None, f"the fused chain runs float32/float64, not {z0.dtype}"
         elif isinstance(terms, str):

@@ -39,6 +39,12 @@ class LatentGenerativeModel(nn.Module):
     def loss_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def generator_network(self) -> nn.Sequential | str:
+        """G as an ``nn.Sequential`` of ``nn.Linear`` layers and activations sharing this model's layers (so a chain
+        of E(G(z)) can run as one fused MLP, ``fl.MLPEnergy.from_sequential``), or a sentence saying why G is not
+        one."""
+        return f"the generator of {type(self).__name__} is not an MLP"
+
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """The base model's training objective on a batch x (B, *data_shape): a scalar to minimise."""
         return self.loss_terms(x)["loss"]

@@ -54,6 +54,9 @@ class GLF(LatentGenerativeModel):
     def generate(self, z: torch.Tensor) -> torch.Tensor:
         return self.decode(self.flow.inverse(z))
 
+    def generator_network(self) -> str:
+        return "GLF's generator decoder(flow⁻¹(z)) begins with the flow's inverse (affine couplings), not an MLP"
+
     def loss_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Batch means of per-sample sums: {"loss" = reconstruction + flow_nll, "reconstruction" (BCE or squared
         error), "flow_nll" (−log p_flow(c), nats, with c detached)}."""

@@ -167,6 +167,9 @@ class Glow(LatentGenerativeModel):
     def generate(self, z: torch.Tensor) -> torch.Tensor:
         return self.postprocess(self.inverse(z))
 
+    def generator_network(self) -> str:
+        return "GLOW's generator is the flow's inverse (affine couplings, invertible 1×1 maps), not an MLP"
+
     def loss_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         nll = -self.log_prob(self.preprocess(x, dequantize=True))
         if self.n_bins is not None:  # discrete data: log p(x) ≥ E_u log p(y) − D log n_bins, in bits per dimension

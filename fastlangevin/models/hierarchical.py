@@ -365,3 +365,7 @@ class EpsilonEnergy(nn.Module):
         zs, log_det = self.vae.transform(eps, self.temperature, self.fixed)
         energy = -self.prior(zs)
         return energy + log_det if self.variant == "code" else energy
+
+    def fused_energy(self) -> str:
+        """Why ``fl.langevin`` runs this energy step by step."""
+        return "E(ε) = −f(T_β(ε)) first maps ε through the hierarchical VAE's prior networks, not one MLP"

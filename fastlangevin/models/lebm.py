@@ -12,8 +12,10 @@ log-density callable, differentiated by autograd on the step-op path). The poste
 
     E_post(z | x) = ‖x − G(z)‖² / (2σ²) + E(z)    with the same prior p_β,
 
-a composition of generator and energy, so posterior chains always run on the step-op path. Latents are flat vectors
-(B, latent_dim); the joint model concatenates [z₁, z₂] into one vector so that one chain moves both layers.
+an ``fl.GaussianPosteriorEnergy`` of the model's energy and its generator sigmoid(MLP(z)) as an ``fl.MLP`` (sharing
+the layers): LEBM's posterior chain runs as one fused kernel too; the joint model's runs on the step-op path (its
+prior). Latents are flat vectors (B, latent_dim); the joint model concatenates [z₁, z₂] into one vector so that one
+chain moves both layers.
 
 Data are images in [0, 1], so G(z) = sigmoid(MLP(z)) and σ defaults to 0.15: LEBM's tanh generator with σ = 0.3 on
 [−1, 1] data, mapped to [0, 1] (tanh(a) = 2·sigmoid(2a) − 1 halves every distance).
@@ -26,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from fastlangevin.energies import MLPEnergy
+from fastlangevin.energies import MLP, GaussianPosteriorEnergy, MLPEnergy
 from fastlangevin.models.nets import mlp
 
 LLHD_SIGMA = 0.15
@@ -86,6 +88,11 @@ class LatentEBM(nn.Module):
         out = self.generator(z[:, : self.layer_dims[0]])
         return torch.sigmoid(out).reshape(z.shape[0], *self.data_shape)
 
+    def generator_network(self) -> nn.Sequential:
+        """G on z₁ = z[:, :layer_dims[0]] as Linear layers and activations, flattened output: sigmoid(MLP(z₁)),
+        sharing the model's layers (the state dict keeps its keys)."""
+        return nn.Sequential(self.generator, nn.Sigmoid())
+
     def squared_error(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """‖x − G(z)‖² per sample: x (B, C, H, W), z (B, latent_dim) → (B,)."""
         if x.shape[0] != z.shape[0] or tuple(x.shape[1:]) != self.data_shape:
@@ -127,35 +134,23 @@ class LatentEBM(nn.Module):
         return [p for p in self.parameters() if id(p) not in ids]
 
 
-class PosteriorEnergy(nn.Module):
-    """z ↦ ‖x − G(z)‖²/(2σ²) + E(z), (B, latent_dim) → (B,): the posterior chain's energy of ``model`` (its prior
-    is ``model.prior``) for a batch x held as a buffer. A training run builds one and calls ``refresh(x)`` with
-    each batch: the data is copied in place (one buffer per batch size), so the energy handed to ``fl.langevin`` is
-    the same module every iteration and a captured CUDA graph reads the new batch."""
+class PosteriorEnergy(GaussianPosteriorEnergy):
+    """z ↦ E(z) + ‖x − G(z)‖²/(2σ²), (B, latent_dim) → (B,): the posterior chain's energy of ``model`` (its prior
+    is ``model.prior``) for a batch x held as a buffer: an ``fl.GaussianPosteriorEnergy`` of the model's energy and
+    its generator as an ``fl.MLP`` (sharing the model's layers), so ``fl.langevin`` runs LEBM's posterior chain as
+    one fused kernel. A training run builds one and calls ``refresh(x)`` with each batch: the data is copied in
+    place (one buffer per batch size), so the energy handed to ``fl.langevin`` is the same module every iteration
+    and a captured CUDA graph reads the new batch."""
 
     def __init__(self, model: "LatentEBM"):
-        super().__init__()
-        self.model = model
+        super().__init__(model.energy, MLP.from_sequential(model.generator_network()), model.llhd_sigma)
+        self.data_shape = model.data_shape
 
     def refresh(self, x: torch.Tensor) -> "PosteriorEnergy":
         """Hold x (B, C, H, W) (detached) as the data of the chains of B samples; returns self."""
-        name = f"data_{x.shape[0]}"
-        held = getattr(self, name, None)
-        if held is None or held.shape != x.shape or held.dtype != x.dtype or held.device != x.device:
-            self.register_buffer(name, torch.empty_like(x, memory_format=torch.contiguous_format), persistent=False)
-        getattr(self, name).copy_(x.detach())
-        return self
-
-    def unread_by_chain(self, batch: int) -> set[str]:
-        """The other batch sizes' data: a CUDA graph's key leaves it out (``fastlangevin.graphs``)."""
-        return {name for name in self._buffers if name != f"data_{batch}"}
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = getattr(self, f"data_{z.shape[0]}", None)
-        if x is None:
-            raise ValueError(f"no data for chains of {z.shape[0]} samples: call refresh(x) with a batch of "
-                             f"{z.shape[0]} first")
-        return self.model.squared_error(x, z) / (2 * self.model.llhd_sigma ** 2) + self.model.energy(z)
+        if tuple(x.shape[1:]) != self.data_shape:
+            raise ValueError(f"x must have shape (B, {', '.join(map(str, self.data_shape))}), got {tuple(x.shape)}")
+        return self.set_target(x)
 
 
 class VariationalLatentEBM(LatentEBM):
@@ -202,6 +197,10 @@ class LayerEnergies(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return sum(e(part) for e, part in zip(self.energies, u.split(self.sizes, dim=1)))
+
+    def fused_energy(self) -> str:
+        """Why ``fl.langevin`` runs this energy step by step."""
+        return "it is a sum of per-layer energies E_i(z_i), not one fl.MLPEnergy"
 
 
 class JointLatentEBM(LatentEBM):

@@ -77,6 +77,11 @@ class VAE(LatentGenerativeModel):
 
     generate = decode
 
+    def generator_network(self) -> nn.Sequential | str:
+        if len(self.data_shape) != 1:
+            return "the VAE's decoder is a DCGAN conv net, not an MLP"
+        return nn.Sequential(self.decoder, nn.Sigmoid()) if self.sigmoid_mean else self.decoder
+
     def _log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) summed over the data dimensions: (B,)."""
         out = self.decoder(z)

@@ -47,6 +47,10 @@ class ConvEnergy(nn.Module):
         h = self.body(self.stem(2 * x - 1))  # centre [0, 1] pixels
         return self.fc(h.sum((2, 3))).squeeze(1)
 
+    def fused_energy(self) -> str:
+        """Why ``fl.langevin`` runs this energy step by step."""
+        return "ConvEnergy is a conv net; the fused chain runs MLPs"
+
 
 def make_energy(data_shape, width: int | None = None, depth: int | None = None) -> nn.Module:
     """The energy for samples of ``data_shape``: an MLPEnergy (D, width×depth, 1) for vectors (defaults 128, 3),

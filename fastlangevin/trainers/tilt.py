@@ -8,7 +8,8 @@ step back-propagates through the frozen generator. Learning (maximum likelihood 
 x⁺ are real training data (the paper, ``positives="data"``) or the backbone's reconstructions G(encode(x))
 (``positives="reconstruction"``, which keeps the energy from learning what the decoder can never produce). z_K comes
 from ``fl.langevin`` with the Gaussian prior, started from fresh N(0, I) draws every step (non-persistent), ε = 0.01,
-60 steps (the paper's App. B.2), on ``TiltedEnergy``: one module (energy and generator) built once per run. Early
+60 steps (the paper's App. B.2), on ``TiltedEnergy``: one module (energy and generator) built once per run, run
+as one fused chain where the generator and the energy are MLPs (the 2-D toys' VAE). Early
 stopping on sample quality: every ``eval_every`` steps the tilted model is sampled with the sampling chain (100 steps)
 and scored against a validation draw (``stop_on``: MMD², energy distance, for data with known modes the high-quality
 share, for images the Fréchet distance on fastlangevin's classifier features); the best is kept in
@@ -23,11 +24,13 @@ DDP averages the gradients; rank 0 evaluates, writes the run directory and decid
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
 from torch import nn
 
+from fastlangevin.energies import MLPEnergy
 from fastlangevin.trainers.base import BASE_CHECKPOINT, load_base
 from fastlangevin.trainers.chains import langevin_transition, run_chain
 from fastlangevin.trainers.checkpoint import CheckpointError, write_json
@@ -47,7 +50,12 @@ POSITIVES = ("data", "reconstruction")
 
 
 class TiltedEnergy(nn.Module):
-    """z ↦ E(G(z)), (B, latent_dim) → (B,): the latent energy ``fl.langevin`` samples (with its N(0, I) prior)."""
+    """z ↦ E(G(z)), (B, latent_dim) → (B,): the latent energy ``fl.langevin`` samples (with its N(0, I) prior).
+
+    Where G and E are MLPs (a VAE on vectors with an ``fl.MLPEnergy``) E(G(z)) is one deeper ``fl.MLPEnergy``
+    sharing their layers, which ``fused_energy`` hands to ``fl.langevin``: the chains run fused, the energy's
+    optimiser steps are seen by the next chain and the frozen generator stays frozen. Otherwise ``fused_energy``
+    says why not (a flow's inverse, a conv net), and ``fl.langevin`` logs it and runs the step-op chain."""
 
     def __init__(self, energy: nn.Module, base: nn.Module):
         super().__init__()
@@ -55,6 +63,22 @@ class TiltedEnergy(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.energy(self.base.generate(z))
+
+    @functools.cached_property
+    def _composition(self) -> MLPEnergy | str:
+        generator = self.base.generator_network()
+        if isinstance(generator, str):
+            return generator
+        if not isinstance(self.energy, MLPEnergy):
+            return f"its energy is a {type(self.energy).__name__}, not an fl.MLPEnergy"
+        try:
+            return MLPEnergy.from_sequential(nn.Sequential(generator, self.energy))
+        except ValueError as error:
+            return f"E(G(z)) is not one MLP: {error}"
+
+    def fused_energy(self) -> MLPEnergy | str:
+        """E(G(z)) as one ``fl.MLPEnergy`` (built once, sharing the layers), or why it is not one."""
+        return self._composition
 
 
 def sample_tilted(tilted: TiltedEnergy, z0: torch.Tensor, n_steps: int, step_size: float, seed: int,
