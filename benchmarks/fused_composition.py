@@ -1,7 +1,7 @@
 """The fused CPU chain on the energies of issue 12 against the eager PyTorch loop: a composition E(G(z)) run as one
 deep MLP, and LEBM's posterior energy with an MLP generator and a per-sample target.
 
-    python benchmarks/fused_composition.py                        # both chains, B = 128, 512, 2048 (tilt), 100, 512
+    python benchmarks/fused_composition.py        # every chain: B = 128, 512, 2048 (tilt), 100, 512 (posterior, lebm)
     python benchmarks/fused_composition.py --chains tilt --batches 512 --repeats 20 --out tilt.json
 
 Chains (float32, N(0, I) prior, noise on, no clipping):
@@ -14,6 +14,10 @@ Chains (float32, N(0, I) prior, noise on, no clipping):
   16→256→256→64 (leaky ReLU 0.2, sigmoid), σ = 0.3, K = 20, s = 0.1 (ε = 0.01), a target x (B, 64). Eager: LEBM's
   loop line for line (two ``autograd.grad`` calls). Fused: energy network plus the likelihood term through the
   generator network in one kernel.
+* ``lebm``: one LEBM training iteration with those networks: the posterior chain above, the prior chain
+  (``sample_langevin_prior_z``: K = 60, s = 0.4, ε = 0.16) and the two Adam steps (G: Σ‖x − G(z⁺)‖²/B, lr 1e-4;
+  E: mean E(z⁺) − mean E(z⁻), lr 2e-5; β = (0.5, 0.999)). Eager: LEBM's loops; library: both chains through
+  ``fl.langevin`` (fused), the same updates. No kernel row.
 
 Rows: ``eager``; ``kernel``, the C++ chain called directly (``_C.mlp_chain``: the kernel's own speed, outputs
 allocated per call as the op does); ``library``, ``fl.langevin`` of the adopted energy where this checkout's Python
@@ -40,6 +44,7 @@ import fastlangevin as fl
 from fastlangevin import _ext
 
 IDENTITY, SIGMOID = 8, 9
+CHAINS = {"tilt": [128, 512, 2048], "posterior": [100, 512], "lebm": [100, 512]}  # name → default batch sizes
 ACTIVATION_CODES = {nn.ReLU: 0, nn.LeakyReLU: 1, nn.SiLU: 2, nn.Tanh: 7, nn.Identity: IDENTITY, nn.Sigmoid: SIGMOID}
 
 
@@ -84,7 +89,7 @@ class Chain:
             self.generator, self.target, self.likelihood_scale = None, None, 0.0
             self.macs = sum(m.in_features * m.out_features for m in [*self.decoder, *self.energy]
                             if isinstance(m, nn.Linear))
-        else:
+        else:  # posterior, lebm
             self.energy = mlp((16, 200, 200, 1), nn.GELU)
             self.generator_net = mlp((16, 256, 256, 64), lambda: nn.LeakyReLU(0.2), nn.Sigmoid)
             self.n_steps, self.step_size, self.dim, self.sigma = 20, 0.01, 16, 0.3
@@ -95,6 +100,11 @@ class Chain:
             self.likelihood_scale = 1.0 / (2 * self.sigma ** 2)
             self.macs = sum(m.in_features * m.out_features for m in [*self.energy, *self.generator_net]
                             if isinstance(m, nn.Linear))
+            if name == "lebm":  # prior chain of 60 steps on the energy alone, then the updates
+                self.prior_steps, self.prior_step_size = 60, 0.16
+                self.macs_prior = sum(m.in_features * m.out_features for m in self.energy if isinstance(m, nn.Linear))
+                self.optimizers = [torch.optim.Adam(net.parameters(), lr=lr, betas=(0.5, 0.999))
+                                   for net, lr in ((self.generator_net, 1e-4), (self.energy, 2e-5))]
         for p in self.parameters():
             p.requires_grad_(True)  # as in training: the eager loop's autograd sees parameters that need grads
         self.z0 = torch.randn(batch, self.dim)
@@ -105,9 +115,16 @@ class Chain:
         return [p for net in nets for p in net.parameters()]
 
     def gflop(self) -> float:
-        return 4 * self.macs * self.batch * self.n_steps / 1e9
+        """The chains' FLOPs (the LEBM iteration's updates not counted)."""
+        prior = 4 * self.macs_prior * self.prior_steps if self.name == "lebm" else 0
+        return (4 * self.macs * self.n_steps + prior) * self.batch / 1e9
 
     def eager(self) -> torch.Tensor:
+        if self.name == "lebm":
+            return self.update(self.eager_posterior(), self.eager_prior())
+        return self.eager_posterior() if self.name == "posterior" else self.eager_tilt()
+
+    def eager_tilt(self) -> torch.Tensor:
         s = math.sqrt(self.step_size)
         z = self.z0.clone()
         if self.name == "tilt":  # the published prior loop (LEBM sample_langevin_prior_z) on E(G(z))
@@ -117,6 +134,10 @@ class Chain:
                 z_grad = torch.autograd.grad(en.sum(), z)[0]
                 z.data = z.data - 0.5 * s * s * (z_grad + z.data) + s * torch.randn_like(z).data
             return z.detach()
+
+    def eager_posterior(self) -> torch.Tensor:
+        s = math.sqrt(self.step_size)
+        z = self.z0.clone()
         mse = nn.MSELoss(reduction="sum")
         for _ in range(self.n_steps):  # LEBM sample_langevin_post_z, line for line
             z = z.requires_grad_()
@@ -129,7 +150,29 @@ class Chain:
             z.data += s * torch.randn_like(z).data
         return z.detach()
 
-    def kernel(self) -> torch.Tensor:
+    def eager_prior(self) -> torch.Tensor:
+        s = math.sqrt(self.prior_step_size)
+        z = self.z0.clone()
+        for _ in range(self.prior_steps):  # LEBM sample_langevin_prior_z, line for line
+            z = z.requires_grad_()
+            en = self.energy(z)
+            z_grad = torch.autograd.grad(en.sum(), z)[0]
+            z.data = z.data - 0.5 * s * s * (z_grad + 1.0 * z.data)
+            z.data += s * torch.randn_like(z).data
+        return z.detach()
+
+    def update(self, z_pos: torch.Tensor, z_neg: torch.Tensor) -> torch.Tensor:
+        """LEBM's two Adam steps (G then E) on the chains' latents; returns z_pos."""
+        optimizer_g, optimizer_e = self.optimizers
+        optimizer_g.zero_grad()
+        ((self.target - self.generator_net(z_pos)) ** 2).sum().div(self.batch).backward()
+        optimizer_g.step()
+        optimizer_e.zero_grad()
+        (self.energy(z_pos).mean() - self.energy(z_neg).mean()).backward()
+        optimizer_e.step()
+        return z_pos
+
+    def kernel(self) -> torch.Tensor | None:
         z = self.z0.clone()
         first_bad = torch.empty(self.batch, dtype=torch.int64)
         _ext.require_cpu().mlp_chain(
@@ -145,12 +188,20 @@ class Chain:
             if self.name == "tilt":
                 energy = fl.MLPEnergy.from_sequential(nn.Sequential(self.decoder, self.energy))
             else:
-                energy = fl.GaussianPosteriorEnergy(fl.MLPEnergy.from_sequential(self.energy), self.generator_net,
+                energy = fl.GaussianPosteriorEnergy(fl.MLPEnergy.from_sequential(self.energy),
+                                                    fl.MLP.from_sequential(self.generator_net),
                                                     self.sigma).set_target(self.target)
             _, info = fl.langevin(energy, self.z0, 1, self.step_size, seed=1, return_info=True)
         except (AttributeError, TypeError, ValueError):
             return None
-        return (lambda: fl.langevin(energy, self.z0, self.n_steps, self.step_size, seed=1)), info.backend
+        chain = lambda: fl.langevin(energy, self.z0, self.n_steps, self.step_size, seed=1)  # noqa: E731
+        if self.name != "lebm":
+            return chain, info.backend
+        prior = energy.energy
+        _, prior_info = fl.langevin(prior, self.z0, 1, self.prior_step_size, seed=2, return_info=True)
+        iteration = lambda: self.update(chain(), fl.langevin(prior, self.z0, self.prior_steps,  # noqa: E731
+                                                             self.prior_step_size, seed=2))
+        return iteration, f"{info.backend}+{prior_info.backend}"
 
 
 def gemm_seconds(batch: int) -> float:
@@ -164,7 +215,9 @@ def gemm_seconds(batch: int) -> float:
 
 
 def measure(chain: Chain, repeats: int) -> list[dict]:
-    impls = {"eager": (chain.eager, "torch eager"), "kernel": (chain.kernel, "_C.mlp_chain")}
+    impls = {"eager": (chain.eager, "torch eager")}
+    if chain.name != "lebm":
+        impls["kernel"] = (chain.kernel, "_C.mlp_chain")
     library = chain.library()
     if library is not None:
         impls["library"] = library
@@ -192,16 +245,16 @@ def measure(chain: Chain, repeats: int) -> list[dict]:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--chains", nargs="+", default=["tilt", "posterior"], choices=["tilt", "posterior"])
+    parser.add_argument("--chains", nargs="+", default=list(CHAINS), choices=list(CHAINS))
     parser.add_argument("--batches", nargs="+", type=int, default=None,
-                        help="batch sizes (default: 128 512 2048 for tilt, 100 512 for posterior)")
+                        help="batch sizes (default: 128 512 2048 for tilt, 100 512 for posterior and lebm)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
     parser.add_argument("--out", default=None, help="write the rows and the machine as JSON here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    defaults = {"tilt": [128, 512, 2048], "posterior": [100, 512]}
+    defaults = CHAINS
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {load:.1f}")

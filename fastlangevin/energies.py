@@ -129,6 +129,10 @@ def check_latents(energy, z: torch.Tensor) -> None:
         _check_network_input(energy, z, "energy", mixed_precision(energy, z))
     elif isinstance(energy, (GaussianPosteriorEnergy, GaussianMixtureEnergy)):
         energy.check_latents(z)
+    elif callable(getattr(energy, "fused_energy", None)):  # held to the form the fused chain would run
+        fused = energy.fused_energy()
+        if isinstance(fused, (MLP, GaussianPosteriorEnergy)):
+            check_latents(fused, z)
 
 
 def mixed_precision(energy: nn.Module, z: torch.Tensor) -> bool:

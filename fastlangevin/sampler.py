@@ -40,7 +40,9 @@ class LangevinInfo:
 
     energies: (n_steps, B), E(z_k) of the state before step k; grad_norms: (n_steps, B), per-sample ‖∇E(z_k)‖
     (the energy's gradient alone, before clipping); backend: what ran the chain;
-    seed: the chain's noise seed (pass it back to reproduce the chain); accepted: (n_steps, B) bool for MALA.
+    seed: the chain's noise seed (pass it back to reproduce the chain); accepted: (n_steps, B) bool for MALA;
+    fallback: why the fused chain did not run an energy of a kind it runs (as ``fl.backend_info()`` says), else
+    None.
     """
 
     energies: torch.Tensor | None
@@ -51,6 +53,7 @@ class LangevinInfo:
     noise_scale: float
     method: str = "ula"
     accepted: torch.Tensor | None = None
+    fallback: str | None = None
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -241,7 +244,7 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
     if return_info:
         _check_info_fits(n_steps, z0)
     chosen = resolve_backend(backend, z0.device, z0.dtype)
-    fused = _fused_plan(energy, z0, prior, chosen, create_graph)
+    fused, fallback = _fused_plan(energy, z0, prior, chosen, create_graph)
     if seed is None:
         seed = int(torch.randint(0, MAX_SEED, (1,)).item())
 
@@ -266,7 +269,7 @@ def langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n
     if return_info:
         backend_used = chosen + (":graph" if result.graphed else "")
         return result.z, LangevinInfo(result.energies, result.grad_norms, backend_used, seed, step_size,
-                                      noise_scale, method, result.accepted)
+                                      noise_scale, method, result.accepted, fallback)
     return result.z
 
 
@@ -305,11 +308,13 @@ def _in_dtype(network: MLPNetwork, dtype: torch.dtype) -> MLPNetwork:
                             biases=[b.to(dtype) for b in network.biases])
 
 
-def _fused_plan(energy, z0, prior: Prior, step_backend: str, create_graph: bool) -> _FusedPlan | None:
-    """The fused chain for this call, or None (with the reason noted once) when it cannot be used."""
+def _fused_plan(energy, z0, prior: Prior, step_backend: str,
+                create_graph: bool) -> tuple[_FusedPlan | None, str | None]:
+    """(the fused chain for this call, None) or (None, why it cannot be used: noted once), or (None, None) for an
+    energy of a kind the fused chain does not run."""
     terms = fused_terms(energy, z0.shape[0])
     if terms is None:
-        return None
+        return None, None
     backend, why = fused_chain_backend(step_backend)
     if backend is not None:
         if create_graph:
@@ -324,10 +329,10 @@ def _fused_plan(energy, z0, prior: Prior, step_backend: str, create_graph: bool)
             plan = _plan_networks(backend, terms, z0, type(energy).__name__)
             why = chain_limit(backend, z0.shape[0], plan.energy, plan.generator, z0.dtype)
             if why is None:
-                return plan
+                return plan, None
             backend = None
     note_fallback(f"{type(energy).__name__} chain on {z0.device.type}", f"step-op chain ({step_backend})", why)
-    return None
+    return None, why
 
 
 def _plan_networks(backend: str, terms: FusedTerms, z0: torch.Tensor, energy_name: str) -> _FusedPlan:

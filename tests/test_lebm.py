@@ -149,21 +149,31 @@ def test_prior_chain_with_zero_energy_samples_the_gaussian(sampler):
         assert ((z.var(0) - target).abs() < 4 * target * math.sqrt(2 / n)).all(), (z.var(0), target)
 
 
-def test_the_lebm_prior_chain_runs_fused(monkeypatch, tmp_path):
+def test_lebm_runs_both_chains_fused_and_joint_mle_says_why_not(monkeypatch, tmp_path, capsys):
+    """LEBM's prior chain (its MLPEnergy) and posterior chain (a GaussianPosteriorEnergy of the MLP generator) run
+    fused, every iteration; the joint model's conditional Gaussian prior cannot be, and the run says so once."""
     net = LatentEBM(SHAPE, 4, energy_width=8, generator_width=8)
     _, info = fl.langevin(net.energy, torch.randn(8, 4), 5, 0.16, prior=net.prior, return_info=True)
     assert info.backend == "cpu:fused"
     calls = []
     original = fastlangevin.sampler.run_mlp_chain
     monkeypatch.setattr(fastlangevin.sampler, "run_mlp_chain", lambda *a, **k: calls.append(1) or original(*a, **k))
-    train_lebm("lebm", "digits", tmp_path / "lebm", steps=3, batch_size=8, latent_dim=2, energy_width=8,
-               generator_width=8, prior_steps=4, posterior_steps=2, eval_every=3, n_eval=20, progress=False)
-    assert len(calls) >= 3  # every training iteration's prior chain, then evaluation and plots
+    tiny = dict(steps=3, batch_size=8, latent_dim=2, energy_width=8, generator_width=8, prior_steps=4,
+                posterior_steps=2, eval_every=3, n_eval=20, progress=False)
+    metrics = train_lebm("lebm", "digits", tmp_path / "lebm", **tiny)
+    assert len(calls) >= 6  # both chains of every training iteration, then evaluation and plots
+    assert metrics["chain_backends"] == {"posterior": "cpu:fused", "prior": "cpu:fused"}
     calls.clear()
-    train_lebm("joint-mle", "digits", tmp_path / "joint", steps=2, batch_size=8, latent_dim=2, latent_dim2=2,
-               energy_width=8, generator_width=8, prior_steps=2, posterior_steps=2, eval_every=2, n_eval=20,
-               progress=False)
+    metrics = train_lebm("joint-mle", "digits", tmp_path / "joint", **{**tiny, "steps": 2, "eval_every": 2},
+                         latent_dim2=2)
     assert not calls  # a conditional Gaussian prior: the step-op path
+    for which in ("posterior", "prior"):
+        assert metrics["chain_backends"][which].startswith("cpu (not fused: the prior")
+        assert "JointLatentEBM.prior" in metrics["chain_backends"][which]
+    out = capsys.readouterr().out
+    assert out.count("train-prior lebm: the posterior chain runs on cpu:fused") == 1
+    assert out.count("train-prior joint-mle: the prior chain runs on cpu (not fused: the prior") == 1
+    assert any("JointLatentEBM.prior" in line for line in fl.backend_info().fallbacks)
 
 
 @pytest.fixture(scope="module", params=list(MODEL_FLAGS))

@@ -109,7 +109,7 @@ def chain_calls(monkeypatch):
     calls, real = [], fl.langevin
 
     def spy(energy, z0, n_steps, step_size, **kwargs):
-        buffers = {name: b.data_ptr() for name, b in energy.named_buffers() if name.startswith("data_")} \
+        buffers = {name: b.data_ptr() for name, b in energy.named_buffers() if name.startswith("target_")} \
             if isinstance(energy, torch.nn.Module) else {}
         calls.append((energy, tuple(z0.shape), n_steps, buffers))
         return real(energy, z0, n_steps, step_size, **kwargs)
@@ -155,7 +155,7 @@ def test_lebm_hands_langevin_one_energy_per_chain(tmp_path, chain_calls):
     assert prior[0] is not posterior[0]
     assert {id(c[0]) for c in chain_calls} == {id(prior[0]), id(posterior[0])}  # evaluation and figures too
     # the batch is a buffer of the posterior energy, refreshed in place: one address for every iteration
-    addresses = {c[3]["data_8"] for c in chain_calls if c[0] is posterior[0] and c[1] == (8, 2)}
+    addresses = {c[3]["target_8"] for c in chain_calls if c[0] is posterior[0] and c[1] == (8, 2)}
     assert len(addresses) == 1
 
 

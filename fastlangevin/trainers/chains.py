@@ -53,25 +53,35 @@ def eager_langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Ten
 
 
 def run_chain(energy, z0: torch.Tensor, n_steps: int, step_size: float, *, prior="normal", seed: int = 0,
-              sampler: str = "library", clip_grad: float | None = None) -> torch.Tensor:
+              sampler: str = "library", clip_grad: float | None = None, describe: bool = False):
     """z_K after ``n_steps`` of ULA from ``z0`` with ``sampler`` ("library": ``fl.langevin``; "eager": the loop);
-    ``clip_grad`` bounds each sample's ‖∇E‖."""
+    ``clip_grad`` bounds each sample's ‖∇E‖. With ``describe``: (z_K, what ran the chain), e.g. "cpu:fused", or
+    "cpu (not fused: why)" as ``fl.langevin`` says, or "eager loop"."""
     if sampler == "library":
-        return fl.langevin(energy, z0, n_steps, step_size, prior=prior, seed=seed % SEED_RANGE, clip_grad=clip_grad)
+        out = fl.langevin(energy, z0, n_steps, step_size, prior=prior, seed=seed % SEED_RANGE, clip_grad=clip_grad,
+                          return_info=describe)
+        if not describe:
+            return out
+        z, info = out
+        return z, info.backend + (f" (not fused: {info.fallback})" if info.fallback else "")
     if sampler == "eager":
-        return eager_langevin(energy, z0, n_steps, step_size, prior, seed % SEED_RANGE, clip_grad)
+        z = eager_langevin(energy, z0, n_steps, step_size, prior, seed % SEED_RANGE, clip_grad)
+        return (z, "eager loop") if describe else z
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
 
 
 class Chains:
     """A training run's chains: ``run_chain`` with the run's ``sampler``; ``timed`` chains add to ``timer`` (the
     training chains, not evaluation); a non-finite energy or result raises ``fl.NonFiniteEnergyError`` naming
-    ``command``, the chain and the training iteration."""
+    ``command``, the chain and the training iteration. ``backends``: what ran each chain (by name) the first time,
+    the fused kernel or why not, also handed to ``announce`` (the run's log) once per chain."""
 
     def __init__(self, sampler: str = "library", device: torch.device | str = "cpu", command: str = "train"):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.sampler, self.command, self.timer = sampler, command, ChainTimer(device)
+        self.backends: dict[str, str] = {}
+        self.announce: Callable[[str], None] | None = None
 
     def __call__(self, which: str, step: int, energy, z0: torch.Tensor, n_steps: int, step_size: float, *,
                  prior="normal", seed: int, clip_grad: float | None = None, timed: bool = True) -> torch.Tensor:
@@ -84,13 +94,19 @@ class Chains:
                 raise ValueError(f"{self.command}: the {which} chain's energy has batch norms in training mode "
                                  f"({training[0]}, ...); put the model it reads through in eval mode")
         hint = "lower the learning rates or the chain's step size"
+        first = which not in self.backends
         try:
             with self.timer if timed else contextlib.nullcontext():
-                z = run_chain(energy, z0, n_steps, step_size, prior=prior, seed=seed, sampler=self.sampler,
-                              clip_grad=clip_grad)
+                out = run_chain(energy, z0, n_steps, step_size, prior=prior, seed=seed, sampler=self.sampler,
+                                clip_grad=clip_grad, describe=first)
         except fl.NonFiniteEnergyError as error:
             raise fl.NonFiniteEnergyError(f"{self.command}: the {which} chain of training iteration {step}: {error}; "
                                           f"{hint}") from error
+        z = out[0] if first else out
+        if first:
+            self.backends[which] = out[1]
+            if self.announce is not None:
+                self.announce(f"{self.command}: the {which} chain runs on {self.backends[which]}")
         if not bool(torch.isfinite(z).all()):  # the eager loop does not check as it goes
             raise fl.NonFiniteEnergyError(f"{self.command}: the {which} chain of training iteration {step} ended "
                                           f"with non-finite latents; {hint}")

@@ -160,6 +160,7 @@ class _Loop:
         ctx.check_batch(settings.batch_size)
         self.state, start = LoopState(), 0
         self.progress = Progress(trainer.command, settings.steps, enabled=trainer.options.progress and ctx.is_main)
+        trainer.chains.announce = self.progress.write if ctx.is_main else None  # what runs each chain, once
         if trainer.saved is not None:
             meta = load_checkpoint(trainer.folder.file(trainer.checkpoint), trainer.model, trainer.optimizer,
                                    restore_rng=True)
@@ -258,6 +259,7 @@ class _Loop:
         metrics = {"history": state.history, "steps": self.reached, "steps_run": state.steps_run,
                    "seconds": seconds, "train_seconds": train_seconds, "eval_seconds": state.eval_seconds,
                    "chain_seconds": chain_seconds, "chain_share": chain_seconds / train_seconds,
+                   "chain_backends": dict(trainer.chains.backends),
                    "seconds_per_iteration": train_seconds / max(state.steps_run, 1),
                    "samples_per_second": state.steps_run * self.settings.batch_size / train_seconds,
                    "world_size": self.ctx.world_size}
