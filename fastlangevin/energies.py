@@ -441,7 +441,10 @@ class GaussianPosteriorEnergy(nn.Module):
     def check_latents(self, z: torch.Tensor) -> None:
         """Whether chains of z fit this posterior (see ``fastlangevin.energies.check_latents``): data for z's batch
         size on z's device, and MLP parts (energy, generator) that take z's features, dtype and device."""
-        target = self.target_for(z.shape[0])
+        try:
+            target = self.target_for(z.shape[0])
+        except ValueError as error:
+            raise ValueError(f"energy: {error}") from None
         if target.device != z.device:
             raise ValueError(f"energy: the posterior's data is on {target.device} but z is on {z.device}; call "
                              f"set_target with data on z's device")

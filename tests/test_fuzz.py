@@ -49,12 +49,22 @@ def half_square(z):
     return 0.5 * z.flatten(1).pow(2).sum(1)
 
 
-def good_energy(kind, features, dtype):
+def good_energy(kind, features, dtype, batch=1):
     if kind == "module":
         return Quadratic(features, dtype)
     if kind == "mlp":
         return fl.MLPEnergy((features, 6, 1), "silu").to(dtype)
+    if kind == "posterior":
+        return posterior(features, dtype, batch)
     return half_square
+
+
+def posterior(features, dtype, batch, generator_inputs=None):
+    """E(z) + ‖x − G(z[:, :Dg])‖²/(2σ²) of MLPs, with data for chains of ``batch`` samples (fused where it can)."""
+    inputs = generator_inputs or max(1, features - 1)
+    energy = fl.GaussianPosteriorEnergy(fl.MLPEnergy((features, 6, 1), "silu"), fl.MLP((inputs, 3), "tanh"), 0.7)
+    data = torch.rand(batch, 3, generator=torch.Generator().manual_seed(features * 31 + batch)).to(dtype)
+    return energy.to(dtype).set_target(data)
 
 
 def _with_nan_weight(module):
@@ -80,6 +90,8 @@ ENERGY_FAULTS = {
                   ARGUMENT_ERRORS),
     "mlp features": (lambda d, t: fl.MLPEnergy((d + 1, 6, 1)).to(t), ARGUMENT_ERRORS),
     "mixture features": (lambda d, t: fl.GaussianMixtureEnergy(torch.zeros(2, d + 1, dtype=t), 1.0), ARGUMENT_ERRORS),
+    "posterior batch": (lambda d, t: posterior(d, t, 7), ARGUMENT_ERRORS),  # no data for the chain's batch
+    "posterior generator": (lambda d, t: posterior(d, t, 1, generator_inputs=d + 1), ARGUMENT_ERRORS),
     "module dtype": (lambda d, t: Quadratic(d, torch.float32 if t != torch.float32 else torch.float64),
                      ARGUMENT_ERRORS),
     "mlp device": (lambda d, t: fl.MLPEnergy((d, 6, 1)).to(device="meta", dtype=t), ARGUMENT_ERRORS),
@@ -253,7 +265,8 @@ def chain_call(draw):
     z0, features, dtype = draw(latent(draw(st.sampled_from(Z_FAULTS)) if where == "z0" else None))
     latent_shape = z0.shape[1:] if isinstance(z0, torch.Tensor) and z0.dim() >= 1 else (features,)
     kwargs = valid_settings(draw, dtype)
-    energy = good_energy(draw(st.sampled_from(["module", "mlp", "function"])), features, dtype)
+    batch = z0.shape[0] if isinstance(z0, torch.Tensor) and z0.dim() >= 1 and z0.shape[0] else 1
+    energy = good_energy(draw(st.sampled_from(["module", "mlp", "posterior", "function"])), features, dtype, batch)
     prior = valid_prior(draw, features, (1, *latent_shape))
     fault, at_construction = None, False
     if where == "z0":
