@@ -16,7 +16,8 @@ def test_demo_runs_the_toy_experiment(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     main(["demo", "--out", str(tmp_path), "--quick"])
     out = capsys.readouterr().out
-    assert "base" in out and "tilted" in out and "inside fl.langevin" in out
+    assert "base" in out and "tilted" in out and "inside fl.langevin (cpu:fused)" in out
+    assert out.count("tilt: the negative chain runs on cpu:fused") == 1  # E(G(z)) of the MLP VAE: one fused chain
     assert (tmp_path / "figure1_25gaussians.png").read_bytes()[:8] == PNG
     evaluation = json.loads((tmp_path / "25gaussians" / "evaluation.json").read_text())
     for model in ("base", "tilted"):

@@ -23,12 +23,13 @@ SEED_RANGE = 2 ** 63  # fl.langevin takes seeds in [0, 2**63); any int is folded
 
 
 def eager_langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, n_steps: int, step_size: float,
-                   prior="normal", seed: int = 0, clip_grad: float | None = None) -> torch.Tensor:
+                   prior="normal", seed: int = 0, clip_grad: float | None = None,
+                   noise_scale: float | None = None) -> torch.Tensor:
     """The hand-written loop (as in the papers' code): ``prior`` is ``"normal"`` (N(0, I)), ``None`` (flat) or a
     callable z ↦ log p₀(z) of shape (B,); ``clip_grad`` bounds each sample's ‖∇E(z)‖ (before the prior term, as
-    ``fl.langevin`` does). Returns z_K detached, (B, *latent_shape)."""
+    ``fl.langevin`` does); ``noise_scale`` defaults to √ε. Returns z_K detached, (B, *latent_shape)."""
     generator = torch.Generator(z0.device).manual_seed(seed)
-    noise = math.sqrt(step_size)
+    noise = math.sqrt(step_size) if noise_scale is None else noise_scale
     z = z0.detach().clone()
     with torch.enable_grad():
         for _ in range(n_steps):
@@ -53,19 +54,21 @@ def eager_langevin(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Ten
 
 
 def run_chain(energy, z0: torch.Tensor, n_steps: int, step_size: float, *, prior="normal", seed: int = 0,
-              sampler: str = "library", clip_grad: float | None = None, describe: bool = False):
+              sampler: str = "library", clip_grad: float | None = None, noise_scale: float | None = None,
+              describe: bool = False):
     """z_K after ``n_steps`` of ULA from ``z0`` with ``sampler`` ("library": ``fl.langevin``; "eager": the loop);
-    ``clip_grad`` bounds each sample's ‖∇E‖. With ``describe``: (z_K, what ran the chain), e.g. "cpu:fused", or
-    "cpu (not fused: why)" as ``fl.langevin`` says, or "eager loop"."""
+    ``clip_grad`` bounds each sample's ‖∇E‖; ``noise_scale`` defaults to √ε (0: gradient descent). With
+    ``describe``: (z_K, what ran the chain), e.g. "cpu:fused", or "cpu (not fused: why)" as ``fl.langevin`` says,
+    or "eager loop"."""
     if sampler == "library":
         out = fl.langevin(energy, z0, n_steps, step_size, prior=prior, seed=seed % SEED_RANGE, clip_grad=clip_grad,
-                          return_info=describe)
+                          noise_scale=noise_scale, return_info=describe)
         if not describe:
             return out
         z, info = out
         return z, info.backend + (f" (not fused: {info.fallback})" if info.fallback else "")
     if sampler == "eager":
-        z = eager_langevin(energy, z0, n_steps, step_size, prior, seed % SEED_RANGE, clip_grad)
+        z = eager_langevin(energy, z0, n_steps, step_size, prior, seed % SEED_RANGE, clip_grad, noise_scale)
         return (z, "eager loop") if describe else z
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
 

@@ -8,12 +8,13 @@ step back-propagates through the frozen generator. Learning (maximum likelihood 
 x⁺ are real training data (the paper, ``positives="data"``) or the backbone's reconstructions G(encode(x))
 (``positives="reconstruction"``, which keeps the energy from learning what the decoder can never produce). z_K comes
 from ``fl.langevin`` with the Gaussian prior, started from fresh N(0, I) draws every step (non-persistent), ε = 0.01,
-60 steps (the paper's App. B.2), on ``TiltedEnergy``: one module (energy and generator) built once per run, run
-as one fused chain where the generator and the energy are MLPs (the 2-D toys' VAE). Early
-stopping on sample quality: every ``eval_every`` steps the tilted model is sampled with the sampling chain (100 steps)
-and scored against a validation draw (``stop_on``: MMD², energy distance, for data with known modes the high-quality
-share, for images the Fréchet distance on fastlangevin's classifier features); the best is kept in
-RUN_DIR/ebm_best.safetensors, the latest (with optimizer state, for ``--resume``) in RUN_DIR/ebm.safetensors.
+60 steps (the paper's App. B.2), on ``TiltedEnergy``: one module (energy and generator) built once per run, run as
+one fused chain where the generator and the energy are MLPs (the 2-D toys' VAE). Early stopping on sample quality:
+every ``eval_every`` steps the tilted model is sampled with the sampling chain (100 steps; ``--denoise-steps`` end it
+without noise, not in the paper) and scored against a validation draw (``stop_on``: MMD², energy distance, for
+data with known modes the high-quality share, for images the Fréchet distance on fastlangevin's classifier features);
+the best is kept in RUN_DIR/ebm_best.safetensors, the latest (with optimizer state, for ``--resume``) in
+RUN_DIR/ebm.safetensors.
 
 ``--clip-grad`` bounds each chain sample's ‖∇_z E(G(z))‖ (training, evaluation and ``sample``/``evaluate``
 chains; the paper mentions gradient clipping; a flow's inverse can otherwise throw a chain to where G overflows).
@@ -82,11 +83,15 @@ class TiltedEnergy(nn.Module):
 
 
 def sample_tilted(tilted: TiltedEnergy, z0: torch.Tensor, n_steps: int, step_size: float, seed: int,
-                  batch_size: int = 1000, clip_grad: float | None = None) -> torch.Tensor:
-    """G(z_K) for chains from ``z0`` (N, latent_dim), run in batches of ``batch_size``: (N, *data_shape)."""
+                  batch_size: int = 1000, clip_grad: float | None = None, denoise_steps: int = 0) -> torch.Tensor:
+    """G(z_K) for chains from ``z0`` (N, latent_dim), run in batches of ``batch_size``: (N, *data_shape).
+    ``denoise_steps``: steps without noise that end each chain, z ← z − ε/2·∇(E(G(z)) + ‖z‖²/2), gradient descent
+    that pulls the samples back from the last steps' noise towards the nearest mode."""
     out = []
     for i, chunk in enumerate(z0.split(batch_size)):
         z = run_chain(tilted, chunk, n_steps, step_size, prior="normal", seed=seed + i, clip_grad=clip_grad)
+        if denoise_steps:
+            z = run_chain(tilted, z, denoise_steps, step_size, prior="normal", clip_grad=clip_grad, noise_scale=0.0)
         with torch.no_grad():
             out.append(tilted.base.generate(z).cpu())
     return torch.cat(out)
@@ -101,6 +106,8 @@ class TiltSettings(ChainSettings, SeedSettings):
     n_steps: int = setting(60, "Langevin steps per training iteration", low=1)
     step_size: float = setting(0.01, "Langevin step size epsilon", above=0)
     sample_steps: int = setting(100, "Langevin steps to sample / evaluate", low=1)
+    denoise_steps: int = setting(0, "noise-free steps that end each sampling / evaluation chain (not in the paper; "
+                                    "sharper modes)", low=0)
     reg: float = setting(0.1, "energy regulariser reg*(mean E+^2 + mean E-^2)", low=0)
     clip_grad: float | None = setting(None, "bound each chain sample's gradient norm |grad_z E(G(z))|", above=0)
     positives: str = setting("data", "real x (the paper) or G(encode(x))", choices=POSITIVES)
@@ -167,7 +174,8 @@ class TiltTrainer(Trainer):
     def evaluate(self, step: int) -> dict:
         settings, source = self.settings, self.data_source()
         samples = sample_tilted(self.tilted, self.z_val, settings.sample_steps, settings.step_size,
-                                seed=settings.seed + 11, clip_grad=settings.clip_grad)
+                                seed=settings.seed + 11, clip_grad=settings.clip_grad,
+                                denoise_steps=settings.denoise_steps)
         quality = sample_quality(samples, self.val_set, self.bandwidths, source["data_dir"], source["seed"])
         self.bandwidths = quality.pop("mmd_bandwidths")
         return quality
@@ -207,7 +215,7 @@ def _draw(tilted: TiltedEnergy, tilt_config: dict, n: int, seed: int, n_steps: i
     with torch.no_grad():
         before = tilted.base.generate(z0).cpu()
     after = sample_tilted(tilted, z0, n_steps or tilt_config["sample_steps"], tilt_config["step_size"], seed=seed,
-                          clip_grad=tilt_config.get("clip_grad"))
+                          clip_grad=tilt_config.get("clip_grad"), denoise_steps=tilt_config.get("denoise_steps", 0))
     return before, after
 
 
