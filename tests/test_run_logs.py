@@ -40,12 +40,18 @@ def test_the_bar_is_not_redrawn_every_step(monkeypatch):
 def test_no_bar_off_a_terminal_and_tqdm_disable(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     pipe = io.StringIO()  # not a terminal: a plain line every log_interval seconds, no carriage returns
-    progress = Progress("train", 1000, stream=pipe, log_interval=0.0)
+    progress = Progress("train", 50, stream=pipe, log_interval=0.0)
     progress.start(0)
     for step in range(1, 4):
         progress.update(step, lambda: "loss 1.0")
     assert pipe.getvalue().count("\n") == 3 and "\r" not in pipe.getvalue()
-    assert "train: step 3/1000" in pipe.getvalue()
+    assert "train: step 3/50" in pipe.getvalue()
+    pipe = io.StringIO()  # however slow the machine, at most 50 lines a run: one per 10000 // 50 steps at most
+    progress = Progress("train", 10_000, stream=pipe, log_interval=0.0)
+    progress.start(100)
+    for step in range(101, 10_001):
+        progress.update(step, lambda: "loss 1.0")
+    assert pipe.getvalue().count("\n") == 49 and "train: step 9900/10000" in pipe.getvalue()
     monkeypatch.setenv("TQDM_DISABLE", "1")
     for stream in (Terminal(), io.StringIO()):
         progress = Progress("train", 1000, stream=stream, log_interval=0.0)

@@ -49,6 +49,11 @@ class LatentGenerativeModel(nn.Module):
         """The base model's training objective on a batch x (B, *data_shape): a scalar to minimise."""
         return self.loss_terms(x)["loss"]
 
+    def dequantize(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Data x (B, *data_shape) as the model's likelihood sees it during training, in data space: x itself for
+        a model of continuous data (a flow of discrete pixels overrides it). ``generator``: the noise's stream."""
+        return x
+
     @staticmethod
     def prior_log_prob(z: torch.Tensor) -> torch.Tensor:
         """log N(z; 0, I) summed over the latent: z (B, latent_dim) → (B,)."""

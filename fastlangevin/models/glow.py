@@ -145,13 +145,20 @@ class Glow(LatentGenerativeModel):
         z, logdet = self(y)
         return self.prior_log_prob(z) + logdet
 
-    def preprocess(self, x: torch.Tensor, dequantize: bool = False) -> torch.Tensor:
+    def preprocess(self, x: torch.Tensor, dequantize: bool = False,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
         """Data → flow space. Images: pixel k/(n_bins − 1) → (k + u)/n_bins − 0.5 with u ~ U(0, 1) when
-        dequantising, else u = ½ (the bin centre). Vectors: unchanged."""
+        dequantising (drawn from ``generator``, a CPU one, when given), else u = ½ (the bin centre). Vectors:
+        unchanged."""
         if self.n_bins is None:
             return x
         k = torch.round(x * (self.n_bins - 1)).clamp(0, self.n_bins - 1)
-        u = torch.rand_like(x) if dequantize else torch.full_like(x, 0.5)
+        if not dequantize:
+            u = torch.full_like(x, 0.5)
+        elif generator is None:
+            u = torch.rand_like(x)
+        else:
+            u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         return (k + u) / self.n_bins - 0.5
 
     def postprocess(self, y: torch.Tensor) -> torch.Tensor:
@@ -160,6 +167,12 @@ class Glow(LatentGenerativeModel):
         if self.n_bins is None:
             return y
         return ((y + 0.5) * self.n_bins - 0.5) / (self.n_bins - 1)
+
+    def dequantize(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images: each pixel k/(n_bins − 1) spread uniformly over its bin, x + (u − ½)/(n_bins − 1), u ~ U(0, 1):
+        the dequantised data ``loss_terms`` trains on, mapped back to data space (where G(z) lives). Vectors:
+        x."""
+        return self.postprocess(self.preprocess(x, dequantize=True, generator=generator))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self(self.preprocess(x))[0]

@@ -163,6 +163,11 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer (torchrun sets it), got {value!r}") from None
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), known before ``setup`` joins the group."""
+    return _env_int("RANK", 0)
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """``device`` as a torch.device the trainers run on (cpu, cuda or cuda:N, with CUDA present); ValueError
     otherwise."""

@@ -40,7 +40,7 @@ class RunOptions:
                                      "which a new run would leave stale")
     device: str = setting("cpu", "cpu, cuda or cuda:N")
     progress: bool = setting(True, "the progress bar on stderr (off when stderr is not a terminal: a line every "
-                                   "30 s instead; TQDM_DISABLE=1 turns it off too)")
+                                   "30 s instead, at most 50 a run; TQDM_DISABLE=1 turns it off too)")
 
     def __post_init__(self):
         distributed.check_device(self.device)
@@ -98,7 +98,9 @@ def refuse_occupied(trainer_cls, folder: RunFolder, resume: bool, overwrite: boo
     where = f"fastlangevin {trainer_cls.command}"
     if os.path.exists(folder.path) and not os.path.isdir(folder.path):
         raise NotADirectoryError(f"{where}: {folder.path} is a file, not a run folder")
-    found = [] if resume or overwrite else occupants(trainer_cls, folder)
+    # Rank 0 alone decides (it writes; under torchrun a failed rank ends them all): another rank may look only
+    # after rank 0 has begun writing this very run.
+    found = [] if resume or overwrite or distributed.launched_rank() else occupants(trainer_cls, folder)
     if found:
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
         raise ValueError(f"{where}: {folder.path} already holds a run ({shown}): continue it with --resume, "

@@ -19,19 +19,21 @@ def progress_disabled_by_environment() -> bool:
 class Progress:
     """A run's progress on ``stream`` (stderr). On a terminal: a tqdm bar, its postfix redrawn at most every
     ``interval`` seconds (a postfix set on every step would redraw the bar every step); elsewhere (a pipe, a log
-    file): one plain line every ``log_interval`` seconds; nothing when disabled or with ``TQDM_DISABLE`` set.
+    file): a plain line every ``log_interval`` seconds but at most ``max_lines`` over the run (a slow machine does
+    not fill the log); nothing when disabled or with ``TQDM_DISABLE`` set.
     ``write`` prints a message line on stdout without breaking the bar."""
 
     def __init__(self, desc: str, total: int, enabled: bool = True, interval: float = 2.0,
-                 log_interval: float = 30.0, stream=None):
+                 log_interval: float = 30.0, max_lines: int = 50, stream=None):
         self.desc, self.total, self.interval, self.log_interval = desc, total, interval, log_interval
+        self.line_steps = max(1, total // max_lines)  # the steps between two plain lines, at least
         self.stream = stream or sys.stderr
         self.enabled = enabled and not progress_disabled_by_environment()
-        self.bar, self.begin, self.drawn, self.initial = None, 0.0, 0.0, 0
+        self.bar, self.begin, self.drawn, self.initial, self.logged = None, 0.0, 0.0, 0, 0
 
     def start(self, initial: int) -> None:
         self.begin = self.drawn = time.perf_counter()
-        self.initial = initial
+        self.initial = self.logged = initial
         if self.enabled and getattr(self.stream, "isatty", lambda: False)():
             from tqdm.auto import tqdm
             self.bar = tqdm(total=self.total, initial=initial, desc=self.desc, file=self.stream,
@@ -45,12 +47,12 @@ class Progress:
                 self.bar.set_postfix_str(postfix(), refresh=False)
                 self.drawn = now
             self.bar.update(done - self.bar.n)
-        elif self.enabled and now - self.drawn >= self.log_interval:
+        elif self.enabled and now - self.drawn >= self.log_interval and done - self.logged >= self.line_steps:
             rate = (done - self.initial) / max(now - self.begin, 1e-9)
             left = (self.total - done) / rate if rate > 0 else float("nan")
             print(f"{self.desc}: step {done}/{self.total}, {now - self.begin:.0f} s, about {left:.0f} s left; "
                   f"{postfix()}", file=self.stream, flush=True)
-            self.drawn = now
+            self.drawn, self.logged = now, done
 
     def write(self, line: str) -> None:
         if self.bar is not None:

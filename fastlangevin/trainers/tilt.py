@@ -6,7 +6,14 @@ step back-propagates through the frozen generator. Learning (maximum likelihood 
     loss = mean E(x⁺) − mean E(G(z_K)) + reg · (mean E(x⁺)² + mean E(G(z_K))²)
 
 x⁺ are real training data (the paper, ``positives="data"``) or the backbone's reconstructions G(encode(x))
-(``positives="reconstruction"``, which keeps the energy from learning what the decoder can never produce). z_K comes
+(``positives="reconstruction"``, which keeps the energy from learning what the decoder can never produce). Real data
+are taken as the backbone's likelihood sees them (``LatentGenerativeModel.dequantize``): for GLOW on images, each
+pixel spread uniformly over its bin, x + (u − ½)/(n_bins − 1), the dequantisation GLOW is trained with, so that
+x⁺ and G(z) are both continuous and the energy cannot tell them apart by quantisation alone (applying the energy to
+quantised G(z) instead would put a rounding, with no gradient, inside every Langevin step); the VAE and GLF see x.
+The validation draw that picks the best checkpoint is the data set's validation split, disjoint from the training
+split the positives come from. The budget defaults to the paper's (§5.4, ``PAPER_STEPS``): 200 iterations on GLOW
+and GLF, 1 000 on the VAE. z_K comes
 from ``fl.langevin`` with the Gaussian prior, started from fresh N(0, I) draws every step (non-persistent), ε = 0.01,
 60 steps (the paper's App. B.2), on ``TiltedEnergy``: one module (energy and generator) built once per run, run as
 one fused chain where the generator and the energy are MLPs (the 2-D toys' VAE). Early stopping on sample quality:
@@ -48,6 +55,9 @@ from fastlangevin.trainers.trainer import Trainer
 
 EBM_LAST, EBM_BEST = "ebm.safetensors", "ebm_best.safetensors"
 POSITIVES = ("data", "reconstruction")
+# The paper's EBM budget per backbone (§5.4: 200 training steps on GLOW and GLF, 1 000 on the VAE): the default of
+# ``--steps``, resolved from the run's backbone.
+PAPER_STEPS = {"vae": 1000, "glow": 200, "glf": 200}
 
 
 class TiltedEnergy(nn.Module):
@@ -99,7 +109,9 @@ def sample_tilted(tilted: TiltedEnergy, z0: torch.Tensor, n_steps: int, step_siz
 
 @dataclasses.dataclass
 class TiltSettings(ChainSettings, SeedSettings):
-    steps: int = setting(500, "training iterations", low=1, resume="extend")
+    steps: int | None = setting(None, "training iterations (default: the paper's budget for the run's backbone, "
+                                      + ", ".join(f"{k} {v}" for k, v in PAPER_STEPS.items()) + ")",
+                                low=1, resume="extend")
     batch_size: int = setting(256, "chains and data per iteration (the global batch under torchrun)", low=1)
     lr: float = setting(1e-4, "Adam learning rate", above=0)
     betas: tuple[float, float] = setting((0.5, 0.999), "Adam betas", low=0, below=1, metavar=("BETA1", "BETA2"))
@@ -138,6 +150,8 @@ class TiltTrainer(Trainer):
     def prepare(self) -> None:
         self.base, config = load_base(self.folder.path, self.device)
         self.base_config = config["base"]
+        if self.settings.steps is None:
+            self.settings.steps = PAPER_STEPS[self.base_config["model"]]
 
     def data_source(self) -> dict:
         return {k: self.base_config.get(k) for k in ("data", "data_dir", "seed", "n_train", "classes")}
@@ -159,12 +173,14 @@ class TiltTrainer(Trainer):
 
     def step(self, step: int) -> dict:
         settings, ctx = self.settings, self.ctx
-        x_pos = self.batch(step)
-        if settings.positives == "reconstruction":
-            with torch.no_grad():
-                x_pos = self.base.generate(self.base.encode(x_pos))
         generator = torch.Generator().manual_seed(self.step_seed(step))
         z0 = ctx.shard(torch.randn(settings.batch_size, self.base.latent_dim, generator=generator)).to(self.device)
+        if settings.positives == "reconstruction":
+            x_pos = self.batch(step)
+            with torch.no_grad():
+                x_pos = self.base.generate(self.base.encode(x_pos))
+        else:  # the global batch's noise, then this rank's rows: the same positives at every world size
+            x_pos = ctx.shard(self.base.dequantize(self.global_batch(step), generator))
         z_neg = self.chains("negative", step, self.tilted, z0, settings.n_steps, settings.step_size,
                             seed=ctx.rank_seed(self.step_seed(step)), clip_grad=settings.clip_grad)
         with torch.no_grad():
