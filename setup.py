@@ -1,4 +1,5 @@
-"""Builds fastlangevin's compiled backends with CMake: ``fastlangevin._C`` (CPU) and ``fastlangevin._C_cuda``.
+"""Builds fastlangevin's compiled backends with CMake: ``fastlangevin._C`` (CPU; on x86-64 also ``_C_avx2`` and
+``_C_avx512``, the same kernels per instruction-set level, picked at run time) and ``fastlangevin._C_cuda``.
 
 Metadata lives in pyproject.toml; this file only drives CMake (one configure and one parallel build for both modules).
 Needs setuptools >= 77, pybind11, cmake (the binary or the ``cmake`` pip package) and a C++17 compiler; nvcc for CUDA
@@ -8,7 +9,7 @@ Environment switches:
   FASTLANGEVIN_NO_CUDA=1      skip the CUDA backend even where nvcc exists
   FASTLANGEVIN_REQUIRE_CUDA=1 fail the build when the CUDA backend cannot be built (default: warn, build CPU only)
   FASTLANGEVIN_CUDA_ARCH      CUDA architectures besides 90, e.g. "80;90"
-  FASTLANGEVIN_NO_NATIVE=1    no -march=native for the CPU kernels (portable binaries)
+  FASTLANGEVIN_NATIVE=1       one CPU module compiled with -march=native (this machine only; no run-time dispatch)
   FASTLANGEVIN_VEC_REPORT=1   print the compiler's vectorisation report for the CPU kernels
   FASTLANGEVIN_BUILD_TYPE     CMake build type (default Release)
   FASTLANGEVIN_BUILD_DIR      where CMake builds (default: build/ in the source tree, kept for incremental rebuilds)
@@ -31,6 +32,8 @@ from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
+# The CPU kernels per instruction-set level besides the baseline _C (CMakeLists.txt; fastlangevin/_ext.py picks one).
+CPU_LEVEL_MODULES = ("_C_avx2", "_C_avx512")
 MIN_SETUPTOOLS = (77, 0)  # as pyproject.toml's [build-system]; a build without isolation does not check it
 
 if tuple(int(p) for p in setuptools.__version__.split(".")[:2] if p.isdigit()) < MIN_SETUPTOOLS:
@@ -135,7 +138,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY_{build_type.upper()}={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DFASTLANGEVIN_NATIVE={'OFF' if _env_flag('FASTLANGEVIN_NO_NATIVE') else 'ON'}",
+            f"-DFASTLANGEVIN_NATIVE={'ON' if _env_flag('FASTLANGEVIN_NATIVE') else 'OFF'}",
             f"-DFASTLANGEVIN_VEC_REPORT={'ON' if _env_flag('FASTLANGEVIN_VEC_REPORT') else 'OFF'}",
             f"-DFASTLANGEVIN_CUDA={'ON' if nvcc else 'OFF'}",
             f"-DFASTLANGEVIN_CUDA_ARCH={os.environ.get('FASTLANGEVIN_CUDA_ARCH', '')}",
@@ -163,6 +166,15 @@ class CMakeBuild(build_ext):
         cache = (build_dir / "CMakeCache.txt").read_text()
         if "_C_cuda" in targets and "FASTLANGEVIN_CUDA_ENABLED:INTERNAL=ON" not in cache:
             targets.remove("_C_cuda")  # CMake found no working nvcc and said so
+        configured = next((ln.split("=", 1)[1].split(";") for ln in cache.splitlines()
+                           if ln.startswith("FASTLANGEVIN_CPU_LEVEL_MODULES:INTERNAL=")), [])
+        for ext in [e for e in exts if e.target in CPU_LEVEL_MODULES and e.target not in configured]:
+            # Not configured here (FASTLANGEVIN_NATIVE, another architecture): not a failure; an old copy would be
+            # a module of another build, so it goes.
+            targets.remove(ext.target)
+            exts.remove(ext)
+            self.extensions.remove(ext)
+            Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
         try:
             subprocess.run([*build, "--target", *targets], check=True)
         except subprocess.CalledProcessError:
@@ -170,7 +182,7 @@ class CMakeBuild(build_ext):
                 raise
             self.warn("fastlangevin: building the CUDA backend failed (see above); building the CPU backend only. "
                       "Set FASTLANGEVIN_NO_CUDA=1 to skip it, or FASTLANGEVIN_REQUIRE_CUDA=1 to make this an error.")
-            subprocess.run([*build, "--target", "_C"], check=True)
+            subprocess.run([*build, "--target", *[t for t in targets if t != "_C_cuda"]], check=True)
 
         for ext in list(exts):
             if Path(self.get_ext_fullpath(ext.name)).exists():
@@ -199,7 +211,7 @@ class BuildPy(build_py):
             self.copy_file(str(path), str(target), preserve_mode=False)
 
 
-ext_modules = [CMakeExtension("fastlangevin._C")]
+ext_modules = [CMakeExtension("fastlangevin._C")] + [CMakeExtension(f"fastlangevin.{m}") for m in CPU_LEVEL_MODULES]
 if _find_nvcc():
     ext_modules.append(CMakeExtension("fastlangevin._C_cuda", optional=True))
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds fastlangevin/_C and fastlangevin/_C_cuda for the GPU machines' CPython 3.12 into fastlangevin/ of this
 # checkout, so the device tool can carry them instead of building there (see benchmarks/gpu_validate.py):
-#   fastlangevin/_C.cpython-312-x86_64-linux-gnu.so       portable CPU kernels (no -march=native: another CPU there)
+#   fastlangevin/_C{,_avx2,_avx512}.cpython-312-x86_64-linux-gnu.so  the CPU kernels per instruction-set level,
+#                                                         picked at run time on the CPU there
 #   fastlangevin/_C_cuda.cpython-312-x86_64-linux-gnu.so  nvcc, sm_90 SASS + compute_90 PTX, cudart linked statically
 # Needs nvcc and a Python 3.12 with its headers: PY312=/path/to/python3.12 (default: the newest pyenv 3.12, else
 # python3.12 on PATH). setuptools and pybind11 go into a scratch virtual environment (VENV312, default
@@ -19,5 +20,5 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py312" -m venv "$venv"
   "$venv/bin/pip" install --quiet setuptools pybind11
 fi
-FASTLANGEVIN_NO_NATIVE=1 FASTLANGEVIN_REQUIRE_CUDA=1 "$venv/bin/python" setup.py build_ext --inplace
-ls -l fastlangevin/_C.cpython-312-x86_64-linux-gnu.so fastlangevin/_C_cuda.cpython-312-x86_64-linux-gnu.so
+FASTLANGEVIN_REQUIRE_CUDA=1 "$venv/bin/python" setup.py build_ext --inplace
+ls -l fastlangevin/_C{,_avx2,_avx512,_cuda}.cpython-312-x86_64-linux-gnu.so

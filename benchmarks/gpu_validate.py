@@ -40,12 +40,14 @@ the first run replaces them with measurements, in benchmarks/RESULTS.md):
 Add about a minute for the machine to start. Without a build, ``pip install -e .`` there takes about a minute
 more; carry a prebuilt extension instead. Python on the GPU machines is 3.12, so the modules must be built for
 CPython 3.12 (a cpython-311 build does not load there): ``benchmarks/build_for_device.sh`` builds
-``fastlangevin/_C.cpython-312-x86_64-linux-gnu.so`` (portable: no -march=native) and
+``fastlangevin/_C{,_avx2,_avx512}.cpython-312-x86_64-linux-gnu.so`` (the CPU levels, picked there at run time) and
 ``fastlangevin/_C_cuda.cpython-312-x86_64-linux-gnu.so`` (nvcc, sm_90 SASS + PTX, cudart linked statically) into
 this checkout with a Python 3.12 found here (pyenv), and the device tool's ``run`` carries them (they are
 git-ignored, so only ``carry`` takes them along):
 
-    carry: ["fastlangevin/_C.cpython-312-x86_64-linux-gnu.so", "fastlangevin/_C_cuda.cpython-312-x86_64-linux-gnu.so"]
+    carry: ["fastlangevin/_C.cpython-312-x86_64-linux-gnu.so", "fastlangevin/_C_avx2.cpython-312-x86_64-linux-gnu.so",
+            "fastlangevin/_C_avx512.cpython-312-x86_64-linux-gnu.so",
+            "fastlangevin/_C_cuda.cpython-312-x86_64-linux-gnu.so"]
     command:
       export PYTHONPATH=$PWD PYTHONUNBUFFERED=1; python3 -c "import fastlangevin._C, fastlangevin._C_cuda" ||
       pip install --no-build-isolation --no-deps -e . > $OUT/build.log 2>&1 || { tail -30 $OUT/build.log; exit 1; };

@@ -98,7 +98,7 @@ def backend_status(name: str, device_type: str) -> BackendStatus:
         if device_type != "cpu":
             return BackendStatus(name, False, "runs on CPU tensors only")
         why = _ext.cpu_reason()
-        return BackendStatus(name, why is None, why or "C++ extension fastlangevin._C")
+        return BackendStatus(name, why is None, why or _ext.cpu_build().description)
     if name == "cuda":
         if device_type != "cuda":
             return BackendStatus(name, False, "runs on CUDA tensors only")

@@ -49,7 +49,9 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    return f"fastlangevin {fastlangevin.__version__} from {Path(fastlangevin.__file__).parent}"
+    cpu = _ext.cpu_build()
+    return [f"fastlangevin {fastlangevin.__version__} from {Path(fastlangevin.__file__).parent}",
+            f"CPU kernels: {cpu.description if cpu.module is not None else cpu.reason}"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,5 +1,6 @@
 // pybind11 module fastlangevin._C: the CPU backend. Pointers come in as Python ints (tensor.data_ptr()); the GIL is
-// released while the kernel runs.
+// released while the kernel runs. Built once per instruction-set level, as _C (baseline), _C_avx2 and _C_avx512
+// (FASTLANGEVIN_CPU_MODULE, FASTLANGEVIN_CPU_LEVEL; CMakeLists.txt), each with the kernels compiled for its level.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -11,12 +12,19 @@
 
 #include "fastlangevin/codes.h"
 #include "fastlangevin/cpu.h"
+#include "fastlangevin/cpu_features.h"
 #include "fastlangevin/langevin_step.h"
 #include "fastlangevin/mlp_chain.h"
 
 namespace py = pybind11;
 namespace flc = fastlangevin::cpu;
 
+#ifndef FASTLANGEVIN_CPU_MODULE
+#define FASTLANGEVIN_CPU_MODULE _C
+#endif
+#ifndef FASTLANGEVIN_CPU_LEVEL
+#define FASTLANGEVIN_CPU_LEVEL "unknown"
+#endif
 #ifndef FASTLANGEVIN_VERSION
 #define FASTLANGEVIN_VERSION "unknown"
 #endif
@@ -130,6 +138,7 @@ py::dict build_info() {
   d["version"] = FASTLANGEVIN_VERSION;
   d["compiler"] = FASTLANGEVIN_CXX_COMPILER;
   d["flags"] = FASTLANGEVIN_CXX_FLAGS;
+  d["cpu_level"] = FASTLANGEVIN_CPU_LEVEL;
   d["simd_width_bits"] = flc::simd_width_bits();
   d["openmp"] = flc::openmp_version() != 0;
   d["openmp_version"] = flc::openmp_version();
@@ -138,9 +147,36 @@ py::dict build_info() {
   return d;
 }
 
+py::dict cpu_features() {
+  const flc::CpuFeatures f = flc::cpu_features();
+  py::dict d;
+  d["level"] = flc::cpu_level_name(f.level);
+  d["x86_64_v2"] = f.x86_64_v2;
+  d["avx"] = f.avx;
+  d["avx2"] = f.avx2;
+  d["fma"] = f.fma;
+  d["bmi1"] = f.bmi1;
+  d["bmi2"] = f.bmi2;
+  d["f16c"] = f.f16c;
+  d["lzcnt"] = f.lzcnt;
+  d["movbe"] = f.movbe;
+  d["avx512f"] = f.avx512f;
+  d["avx512bw"] = f.avx512bw;
+  d["avx512cd"] = f.avx512cd;
+  d["avx512dq"] = f.avx512dq;
+  d["avx512vl"] = f.avx512vl;
+  d["avx512_bf16"] = f.avx512_bf16;
+  d["amx_tile"] = f.amx_tile;
+  d["amx_bf16"] = f.amx_bf16;
+  d["os_avx"] = f.os_avx;
+  d["os_avx512"] = f.os_avx512;
+  d["os_amx"] = f.os_amx;
+  return d;
+}
+
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(FASTLANGEVIN_CPU_MODULE, m) {
   m.doc() = "fastlangevin CPU kernels (framework-free; pass tensor.data_ptr() ints of contiguous tensors)";
   m.def("langevin_step", &langevin_step, py::arg("z_ptr"), py::arg("grad_ptr"), py::arg("out_ptr"), py::arg("n"),
         py::arg("D"), py::arg("prior_kind"), py::arg("mean_ptr"), py::arg("inv_var_ptr"), py::arg("rng_state_ptr"),
@@ -170,7 +206,10 @@ PYBIND11_MODULE(_C, m) {
         "{'avx512_bf16': status, 'amx_bf16': status} of the bfloat16 matrix units: '' when the unit runs here, else\n"
         "why not (not compiled in, not in this CPU, not enabled by the OS, tile data refused). Asks Linux for the AMX\n"
         "tile data permission once per process.");
-  m.def("build_info", &build_info, "How this module was built: compiler, flags, SIMD width, OpenMP.");
+  m.def("build_info", &build_info, "How this module was built: compiler, flags, CPU level, SIMD width, OpenMP.");
+  m.def("cpu_features", &cpu_features,
+        "This CPU's instruction sets and the OS's support for their registers (cpuid, xgetbv); 'level': the highest\n"
+        "kernel level it runs: 'baseline', 'avx2' (x86-64-v3) or 'avx512' (x86-64-v4).");
   m.attr("PRIOR_FLAT") = (int)fastlangevin::kPriorFlat;
   m.attr("PRIOR_NORMAL") = (int)fastlangevin::kPriorNormal;
   m.attr("PRIOR_DIAGONAL") = (int)fastlangevin::kPriorDiagonal;
