@@ -134,6 +134,17 @@ def test_kernel_tests_pass_at_every_level_this_cpu_runs(level):
     assert f"fastlangevin.{_ext.CPU_LEVELS[level]}, CPU level {level} (" in out, out[:2000]
 
 
+def _emulator(cpu: str) -> tuple[str, ...]:
+    """The command prefix that runs a program on an emulated ``cpu``; skips without qemu, unless
+    FASTLANGEVIN_REQUIRE_QEMU=1 (.ci/run installs it)."""
+    if QEMU is None:
+        why = "qemu user mode is not installed (apt-get install qemu-user-static)"
+        if os.environ.get("FASTLANGEVIN_REQUIRE_QEMU") == "1":
+            pytest.fail(f"FASTLANGEVIN_REQUIRE_QEMU=1: {why}")
+        pytest.skip(why)
+    return (QEMU, "-cpu", cpu)
+
+
 # Emulated CPUs (qemu user mode) without AVX-512: Haswell (x86-64-v3, the avx2 level) runs every kernel test; Nehalem
 # (x86-64-v2: NumPy's wheels need it, so the oldest CPU torch runs on) the baseline level's step op and fused chain
 # only, as emulation is slow (the noise's own tests run at that level natively, above).
@@ -147,15 +158,38 @@ EMULATED = [("Haswell", "avx2", KERNEL_TESTS),
 def test_kernel_tests_pass_on_an_emulated_cpu_without_avx512(cpu, level, tests):
     """The same build and its kernel tests on an emulated CPU without AVX-512 (a minute or two each): the dispatch
     picks the level that CPU runs, and the kernels match the reference. A -march=native build made on an AVX-512
-    machine dies here with SIGILL (rc 132). Skipped without qemu, unless FASTLANGEVIN_REQUIRE_QEMU=1 (.ci/run
-    installs it)."""
-    if QEMU is None:
-        why = "qemu user mode is not installed (apt-get install qemu-user-static)"
-        if os.environ.get("FASTLANGEVIN_REQUIRE_QEMU") == "1":
-            pytest.fail(f"FASTLANGEVIN_REQUIRE_QEMU=1: {why}")
-        pytest.skip(why)
-    out = _kernel_tests(tests, None, prefix=(QEMU, "-cpu", cpu))
+    machine dies here with SIGILL (rc 132)."""
+    out = _kernel_tests(tests, None, prefix=_emulator(cpu))
     assert f"fastlangevin.{_ext.CPU_LEVELS[level]}, CPU level {level} (the best this CPU runs)" in out, out[:2000]
+
+
+BF16_WITHOUT_UNITS = textwrap.dedent("""
+    import torch
+    import fastlangevin as fl
+    from fastlangevin import _ext
+    print("UNITS", _ext.load_cpu().matrix_units())
+    torch.manual_seed(0)
+    energy = fl.MLPEnergy((30, 50, 40, 1), "silu").to(torch.bfloat16)
+    z0 = torch.randn(20, 30)
+    z, info = fl.langevin(energy, z0, 6, 0.02, seed=5, return_info=True)
+    print("BACKEND", info.backend)
+    print("CHAIN", " ".join(fl.backend_info().bf16_chain["cpu"].split()))
+    assert torch.equal(z, fl.langevin(energy.float(), z0, 6, 0.02, seed=5))  # the float32 kernel, upcast weights
+    print("OK")
+""")
+
+
+@needs_dispatch
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="emulates an x86-64 CPU")
+def test_bfloat16_chain_on_an_emulated_cpu_without_bfloat16_units():
+    """On a CPU without AVX512-BF16 and AMX-BF16 (emulated Haswell) a bfloat16 energy's chain runs the float32
+    kernel on its upcast weights and says so (the bfloat16 units are built into the AVX-512 level's module only)."""
+    result = _python(BF16_WITHOUT_UNITS, None, prefix=_emulator("Haswell"))
+    assert result.returncode == 0, f"rc {result.returncode}\n{result.stdout}\n{result.stderr[-3000:]}"
+    out = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    assert out["BACKEND"] == "cpu:fused:bf16-fp32", result.stdout
+    assert out["UNITS"].count("not in this module") == 2 and "amx_bf16:" in out["CHAIN"], result.stdout
+    assert result.stdout.rstrip().endswith("OK")
 
 
 def test_the_level_tables_agree():

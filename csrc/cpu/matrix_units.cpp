@@ -109,8 +109,9 @@ std::string matrix_unit_status(int matrix_unit) {
     return "unknown matrix unit " + std::to_string(matrix_unit);
   const char* name = matrix_unit == kMatrixAmxBf16 ? "AMX-BF16" : "AVX512-BF16";
   if (!matrix_unit_compiled(matrix_unit))
-    return std::string("the ") + name + " kernels were not compiled in (the compiler lacks " +
-           (matrix_unit == kMatrixAmxBf16 ? "-mamx-tile -mamx-bf16" : "-mavx512bf16") + ", or not x86-64)";
+    return std::string("the ") + name + " kernels are not in this module (they are built into the AVX-512 level's " +
+           "module only, by a compiler that knows " +
+           (matrix_unit == kMatrixAmxBf16 ? "-mamx-tile -mamx-bf16" : "-mavx512bf16") + ", on x86-64)";
 #ifdef FL_X86_64
   static const Offer offer = cpu_offer();
   if (matrix_unit == kMatrixAvx512Bf16) return offer.avx512_bf16;
