@@ -8,6 +8,8 @@ global **sum** pooling, one fully connected layer. Both return (B,) energies, lo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -62,3 +64,35 @@ def make_energy(data_shape, width: int | None = None, depth: int | None = None) 
     if len(data_shape) == 3:
         return ConvEnergy(data_shape, width or 32, depth or 2)
     raise ValueError(f"data_shape must be (D,) or (C, H, W), got {data_shape}")
+
+
+class TiltedEnergy(nn.Module):
+    """z ↦ E(G(z)), (B, latent_dim) → (B,): the latent energy ``fl.langevin`` samples (with its N(0, I) prior).
+
+    Where G and E are MLPs (a VAE on vectors with an ``fl.MLPEnergy``) E(G(z)) is one deeper ``fl.MLPEnergy``
+    sharing their layers, which ``fused_energy`` hands to ``fl.langevin``: the chains run fused, the energy's
+    optimiser steps are seen by the next chain and the frozen generator stays frozen. Otherwise ``fused_energy``
+    says why not (a flow's inverse, a conv net), and ``fl.langevin`` logs it and runs the step-op chain."""
+
+    def __init__(self, energy: nn.Module, base: nn.Module):
+        super().__init__()
+        self.energy, self.base = energy, base
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.energy(self.base.generate(z))
+
+    @functools.cached_property
+    def _composition(self) -> MLPEnergy | str:
+        generator = self.base.generator_network()
+        if isinstance(generator, str):
+            return generator
+        if not isinstance(self.energy, MLPEnergy):
+            return f"its energy is a {type(self.energy).__name__}, not an fl.MLPEnergy"
+        try:
+            return MLPEnergy.from_sequential(nn.Sequential(generator, self.energy))
+        except ValueError as error:
+            return f"E(G(z)) is not one MLP: {error}"
+
+    def fused_energy(self) -> MLPEnergy | str:
+        """E(G(z)) as one ``fl.MLPEnergy`` (built once, sharing the layers), or why it is not one."""
+        return self._composition

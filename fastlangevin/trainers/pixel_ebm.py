@@ -16,9 +16,8 @@ T = σ²/(2λ) (λ = 10, σ = 0.005 on CIFAR-10: T = 1.25e-6; here T is a settin
 they came from (IGEBM appends to a FIFO buffer and draws at random); no spectral norm, no gradient clipping, no
 data augmentation of the buffer.
 
-Early stopping on sample quality, as ``tilt``: every ``eval_every`` steps fresh chains from U[0, 1] noise run
-``sample_steps`` steps and are scored against a validation draw, and so are ``n_eval`` replay-buffer entries (the
-persistent chains: IGEBM's samples); ``stop_from`` picks which of the two decides, the best model is kept.
+Early stopping as ``tilt``: every ``eval_every`` steps, fresh chains from U[0, 1] noise and ``n_eval`` buffer entries
+(IGEBM's samples) are scored against a validation draw; ``stop_from`` picks which decides; the best is kept.
 
 RUN_DIR/config.json                 {"pixel_ebm": settings}
 RUN_DIR/pixel_ebm.safetensors       energy + replay buffer + Adam state + step (``resume`` continues the buffer)

@@ -32,17 +32,14 @@ DDP averages the gradients; rank 0 evaluates, writes the run directory and decid
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import torch
-from torch import nn
 
-from fastlangevin.energies import MLPEnergy
 from fastlangevin.trainers.base import BASE_CHECKPOINT, load_base
 from fastlangevin.trainers.chains import langevin_transition, run_chain
 from fastlangevin.trainers.checkpoint import CheckpointError, write_json
-from fastlangevin.trainers.energy_nets import make_energy
+from fastlangevin.trainers.energy_nets import TiltedEnergy, make_energy
 from fastlangevin.trainers.loop import train
 from fastlangevin.trainers.monitor import STOP_ON, check_stop_metric
 from fastlangevin.trainers.quality import plot_panels, plot_transition, sample_quality
@@ -58,38 +55,6 @@ POSITIVES = ("data", "reconstruction")
 # The paper's EBM budget per backbone (§5.4: 200 training steps on GLOW and GLF, 1 000 on the VAE): the default of
 # ``--steps``, resolved from the run's backbone.
 PAPER_STEPS = {"vae": 1000, "glow": 200, "glf": 200}
-
-
-class TiltedEnergy(nn.Module):
-    """z ↦ E(G(z)), (B, latent_dim) → (B,): the latent energy ``fl.langevin`` samples (with its N(0, I) prior).
-
-    Where G and E are MLPs (a VAE on vectors with an ``fl.MLPEnergy``) E(G(z)) is one deeper ``fl.MLPEnergy``
-    sharing their layers, which ``fused_energy`` hands to ``fl.langevin``: the chains run fused, the energy's
-    optimiser steps are seen by the next chain and the frozen generator stays frozen. Otherwise ``fused_energy``
-    says why not (a flow's inverse, a conv net), and ``fl.langevin`` logs it and runs the step-op chain."""
-
-    def __init__(self, energy: nn.Module, base: nn.Module):
-        super().__init__()
-        self.energy, self.base = energy, base
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.energy(self.base.generate(z))
-
-    @functools.cached_property
-    def _composition(self) -> MLPEnergy | str:
-        generator = self.base.generator_network()
-        if isinstance(generator, str):
-            return generator
-        if not isinstance(self.energy, MLPEnergy):
-            return f"its energy is a {type(self.energy).__name__}, not an fl.MLPEnergy"
-        try:
-            return MLPEnergy.from_sequential(nn.Sequential(generator, self.energy))
-        except ValueError as error:
-            return f"E(G(z)) is not one MLP: {error}"
-
-    def fused_energy(self) -> MLPEnergy | str:
-        """E(G(z)) as one ``fl.MLPEnergy`` (built once, sharing the layers), or why it is not one."""
-        return self._composition
 
 
 def sample_tilted(tilted: TiltedEnergy, z0: torch.Tensor, n_steps: int, step_size: float, seed: int,
