@@ -88,6 +88,10 @@ def occupants(trainer_cls, folder: RunFolder) -> list[str]:
     if trainer_cls.folder_option.startswith("-"):
         return sorted(name for name in os.listdir(folder.path)
                       if name not in BEFORE_FIRST_CHECKPOINT and not is_stale_temporary(name))
+    # the latest checkpoint only: a run killed between writing its best and its latest checkpoint (the best is
+    # written first) cannot be resumed, and a fresh run replaces that orphan best at its first evaluation
+    if not folder.has(trainer_cls.checkpoint):
+        return []
     return [name for name in (trainer_cls.checkpoint, trainer_cls.best_checkpoint) if name and folder.has(name)]
 
 
