@@ -42,6 +42,7 @@ from fastlangevin.backends import MATRIX_UNIT_ENV
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness.flops import FLOP_COUNT  # noqa: E402
 from harness.machine import load_average, machine  # noqa: E402
+from harness.timing import alternated  # noqa: E402
 
 DIMS = (100, 200, 200, 1)
 N_STEPS, STEP_SIZE = 60, 0.01
@@ -109,17 +110,8 @@ def measure(batch: int, repeats: int, units, dims=DIMS, eager: bool = True) -> l
     if eager:
         impls["eager f32"] = (lambda: eager_chain(energy, z0, False)), "torch eager"
         impls["eager autocast"] = (lambda: eager_chain(energy, z0, True)), "torch eager, autocast bf16"
-    times = {name: [] for name in impls}
     mm = {torch.float32: [], torch.bfloat16: []}
-    for fn, _ in impls.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, (fn, _) in impls.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        for dtype in mm:
-            mm[dtype].append(mm_best(batch, dtype))
+    times = alternated(impls, repeats, lambda: [mm[dtype].append(mm_best(batch, dtype)) for dtype in mm])
     gflop = 4 * macs_per_sample(dims) * batch * N_STEPS / 1e9
     mm_rate = {dtype: 2 * batch * 200 * 200 / statistics.median(s) / 1e9 for dtype, s in mm.items()}
     median = {name: statistics.median(t) for name, t in times.items()}

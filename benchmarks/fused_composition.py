@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -42,6 +43,9 @@ from torch import nn
 
 import fastlangevin as fl
 from fastlangevin import _ext
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness.timing import alternated  # noqa: E402
 
 IDENTITY, SIGMOID = 8, 9
 CHAINS = {"tilt": [128, 512, 2048], "posterior": [100, 512], "lebm": [100, 512]}  # name → default batch sizes
@@ -221,16 +225,8 @@ def measure(chain: Chain, repeats: int) -> list[dict]:
     library = chain.library()
     if library is not None:
         impls["library"] = library
-    times = {name: [] for name in impls}
     gemm = []
-    for fn, _ in impls.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, (fn, _) in impls.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        gemm.append(gemm_seconds(chain.batch))
+    times = alternated(impls, repeats, lambda: gemm.append(gemm_seconds(chain.batch)))
     gemm_rate = 2 * chain.batch * 256 * 256 / min(gemm) / 1e9
     eager = statistics.median(times["eager"])
     rows = []

@@ -84,3 +84,20 @@ def _time_cuda(fn, device, repeats: int, min_seconds: float) -> dict:
         rep_ms = max(100.0, min_seconds * 1e3, repeats * one)
         times_ms = do_bench(fn, warmup=25, rep=rep_ms, return_mode="all")
     return summarize([t / 1e3 for t in times_ms])
+
+
+def alternated(impls: dict, repeats: int, each_round=None) -> dict[str, list[float]]:
+    """Host-clock seconds of each ``impls[name][0]()`` over ``repeats`` rounds that run every implementation once in
+    turn (after one warm-up call each), so a load change on a shared machine hits all of them alike;
+    ``each_round()`` runs after every round (a reference rate measured in the same run)."""
+    for fn, *_ in impls.values():
+        fn()
+    times = {name: [] for name in impls}
+    for _ in range(repeats):
+        for name, (fn, *_) in impls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        if each_round is not None:
+            each_round()
+    return times
