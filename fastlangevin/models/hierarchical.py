@@ -96,8 +96,10 @@ def _up(channels: int) -> nn.Sequential:
 
 
 class HierarchicalVAE(nn.Module):
-    """NVAE-style hierarchical VAE on images (C, S, S), S a power of two: a bottom-up encoder, a top-down decoder,
-    ``len(latent_channels)`` latent groups (group i: latent_channels[i] × 2**i × 2**i). Decoder on [0, 1] pixels:
+    """NVAE-style hierarchical VAE on square images (C, S, S): a bottom-up encoder, a top-down decoder,
+    ``len(latent_channels)`` latent groups (group i: latent_channels[i] × 2**i × 2**i). A side S that is not a power
+    of two is zero-padded to the next one on the way in and the decoder's output cropped back to S × S (NVAE pads
+    MNIST's 28 × 28 to 32 × 32 the same way); the likelihood covers the S × S pixels only. Decoder on [0, 1] pixels:
     ``"gaussian"`` (default), N(sigmoid(logits), obs_std²) with a fixed std (0.15, as the LEBM trainer), or
     ``"bernoulli"`` (binary cross-entropy with logits, as the repository's VAE: a pseudo-likelihood for grey levels,
     with which this VAE leaves its upper groups unused on the digits, KL ≈ 0).
@@ -117,13 +119,15 @@ class HierarchicalVAE(nn.Module):
             raise ValueError(f"obs_std must be a finite float > 0, got {obs_std!r}")
         self.decoder, self.obs_std = decoder, float(obs_std)
         data_shape = tuple(int(d) for d in data_shape)
-        if len(data_shape) != 3 or data_shape[1] != data_shape[2] or data_shape[1] & (data_shape[1] - 1):
-            raise ValueError(f"data_shape must be (C, S, S) with S a power of two (e.g. (1, 8, 8)), got {data_shape}")
+        if len(data_shape) != 3 or data_shape[1] != data_shape[2] or min(data_shape) < 1:
+            raise ValueError(f"data_shape must be square images (C, S, S), e.g. (1, 8, 8), got {data_shape}")
         latent_channels = tuple(int(c) for c in latent_channels)
-        side = data_shape[1]
+        side = 1 << (data_shape[1] - 1).bit_length()  # the network's side: S padded to a power of two
+        self.pad_before = (side - data_shape[1]) // 2
+        self.pad_after = side - data_shape[1] - self.pad_before
         if not latent_channels or any(c < 1 for c in latent_channels) or 2 ** (len(latent_channels) - 1) > side:
             raise ValueError(f"latent_channels must be 1 to {side.bit_length()} positive channel counts (group i is "
-                             f"2**i × 2**i, at most the image side {side}), got {latent_channels}")
+                             f"2**i × 2**i, at most the padded image side {side}), got {latent_channels}")
         if channels < 1 or n_cells < 0:
             raise ValueError(f"channels must be >= 1 and n_cells >= 0, got channels={channels}, n_cells={n_cells}")
         self.config = dict(data_shape=list(data_shape), latent_channels=list(latent_channels), channels=channels,
@@ -195,7 +199,8 @@ class HierarchicalVAE(nn.Module):
             if i == last and not output:
                 return zs, priors, None
             s = self.ups[i](self.combiners[i](torch.cat([s, z], 1)))
-        return zs, priors, self.head(s)
+        crop = slice(self.pad_before, self.pad_before + self.data_shape[1])  # the padding back off
+        return zs, priors, self.head(s)[..., crop, crop]
 
     def _transform(self, eps, temperature: float, fixed, output: bool):
         fixed = [] if fixed is None else list(fixed)
@@ -255,6 +260,7 @@ class HierarchicalVAE(nn.Module):
         """Bottom-up features at sides 1, 2, 4, … (index i = side 2**i)."""
         if tuple(x.shape[1:]) != self.data_shape:
             raise ValueError(f"x must have shape (B, {', '.join(map(str, self.data_shape))}), got {tuple(x.shape)}")
+        x = F.pad(x, (self.pad_before, self.pad_after) * 2)  # zero = black, as MNIST's own border
         h, features = self.stem(2 * x - 1), []
         for down in self.down:
             h = down(h)
