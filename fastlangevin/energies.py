@@ -135,10 +135,12 @@ def check_latents(energy, z: torch.Tensor) -> None:
             check_latents(fused, z)
 
 
-def mixed_precision(energy: nn.Module, z: torch.Tensor) -> bool:
-    """Whether ``energy`` runs a mixed-precision (bfloat16) chain from z: z float32 and every parameter bfloat16
-    (the other mixed case, float32 parameters under ``torch.autocast``, has matching dtypes)."""
-    params = list(energy.parameters())
+def mixed_precision(energy, z: torch.Tensor) -> bool:
+    """Whether ``energy`` (a module, or a sequence of modules and callables) holds a mixed-precision chain's
+    parameters for z: z float32 and every parameter bfloat16. (The other mixed case, float32 parameters under
+    ``torch.autocast``, has matching dtypes; ``fl.langevin`` adds it.)"""
+    modules = [energy] if isinstance(energy, nn.Module) else energy
+    params = [p for m in modules if isinstance(m, nn.Module) for p in m.parameters()]
     return z.dtype == torch.float32 and bool(params) and all(p.dtype == torch.bfloat16 for p in params)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from fastlangevin.backends import (bf16_chain, check_backend_name, fused_chain_backend, note_fallback,
                                    resolve_backend)
-from fastlangevin.energies import FusedTerms, check_latents, fused_terms
+from fastlangevin.energies import FusedTerms, check_latents, fused_terms, mixed_precision
 from fastlangevin.graphs import check_cuda_graph, run_graphed, use_graph
 from fastlangevin.ops.codes import MATRIX_VECTOR, METHODS, PRIOR_FLAT, PRIOR_NORMAL
 from fastlangevin.ops.mlp_chain import FUSED_DTYPES, MLPNetwork, chain_limit, run_mlp_chain
@@ -287,20 +287,14 @@ class _FusedPlan(NamedTuple):
     tag: str | None = None
 
 
-def _parameters(modules) -> list[torch.Tensor]:
-    return [p for m in modules if isinstance(m, nn.Module) for p in m.parameters()]
-
-
-def _bfloat16_energy(modules, z0: torch.Tensor) -> bool:
-    """Whether a chain of these modules from z0 runs in mixed precision: z0 float32 and every parameter bfloat16,
-    or float32 parameters under ``torch.autocast(z0's device type, bfloat16)``."""
-    if z0.dtype != torch.float32:
-        return False
-    params = _parameters(modules)
-    if params and all(p.dtype == torch.bfloat16 for p in params):
+def _bfloat16_chain(modules, z0: torch.Tensor) -> bool:
+    """Whether a chain of these modules from z0 runs in mixed precision: bfloat16 parameters for float32 z0
+    (``energies.mixed_precision``), or float32 z0 and parameters under ``torch.autocast(z0's device, bfloat16)``."""
+    if mixed_precision(modules, z0):
         return True
     device_type = z0.device.type
-    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+    return (z0.dtype == torch.float32 and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.bfloat16)
 
 
 def _in_dtype(network: MLPNetwork, dtype: torch.dtype) -> MLPNetwork:
@@ -340,7 +334,7 @@ def _plan_networks(backend: str, terms: FusedTerms, z0: torch.Tensor, energy_nam
     once per chain under autocast) with the matrix unit of ``bf16_chain``, upcast where no unit takes bfloat16."""
     networks = [terms.energy] + ([] if terms.generator is None else [terms.generator])
     dtype, unit, tag, upcast = z0.dtype, MATRIX_VECTOR, None, False
-    if _bfloat16_energy(networks, z0):
+    if _bfloat16_chain(networks, z0):
         chain = bf16_chain(backend)
         dtype, unit, tag, upcast = torch.bfloat16, chain.matrix_unit, chain.tag, chain.upcast
         if chain.reason:
@@ -373,7 +367,7 @@ def _run_fused(plan: _FusedPlan, energy, z0, n_steps, step_size, noise_scale, pr
 class _Evaluator:
     """E(z) and the drift gradient of one chain: ``∇E`` clipped per sample (plus ``−∇log prior``, unclipped, for
     priors the kernel cannot fuse); remembers what ``LangevinInfo`` and the finiteness check need. A mixed-precision
-    chain (``_bfloat16_energy``) evaluates the energy under ``torch.autocast(bfloat16)`` and its energies in z's
+    chain (``_bfloat16_chain``) evaluates the energy under ``torch.autocast(bfloat16)`` and its energies in z's
     dtype, so that z, the gradient and the update stay float32."""
 
     def __init__(self, energy, prior: Prior, fused_prior: bool, clip_grad, create_graph: bool, track: bool):
@@ -398,7 +392,7 @@ class _Evaluator:
             if self.checked:
                 e = self._energy(z).reshape(batch)
             else:
-                self.mixed = _bfloat16_energy([self.energy], z)
+                self.mixed = _bfloat16_chain([self.energy], z)
                 e = _check_energy_output(_first_call(self._energy, z, self.energy, self.mixed), z)
             self.checked = True
             neg_log_prior = None
