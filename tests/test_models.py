@@ -14,6 +14,7 @@ from torch.autograd.functional import jacobian
 from fastlangevin.data import make_dataset
 from fastlangevin.models import GLF, MODELS, VAE, ActNorm, AffineCoupling, Glow, InvertibleLinear, SplitPrior, \
     Squeeze, VectorFlow, flow_step, make_model
+from fastlangevin.models.flows import IMAGE_INVERSE_BOUND
 from fastlangevin.models.nets import coupling_convnet, coupling_mlp, dcgan_layout
 from tests.nets import one_thread, perturbed  # noqa: F401 (one_thread: an autouse fixture)
 
@@ -113,6 +114,32 @@ def test_glow_inverse_and_logdet(name):
     if glow.n_bins is not None:  # data on the pixel grid survives encode → generate
         x = torch.randint(0, glow.n_bins, x.shape, dtype=torch.float64) / (glow.n_bins - 1)
     torch.testing.assert_close(glow.generate(glow.encode(x)), x, **TOL)
+
+
+def test_image_glow_generator_is_bounded_where_its_inverse_runs_away():
+    """G = flow⁻¹ with every coupling's inverse clamped to ±IMAGE_INVERSE_BOUND: unchanged on typical latents,
+    finite with a finite gradient far outside them (where the unbounded inverse grows without limit)."""
+    torch.manual_seed(0)
+    glow = Glow((1, 8, 8), n_levels=2, n_steps=2, hidden=8)
+    glow(torch.rand(16, 1, 8, 8) - 0.5)  # data-dependent actnorm init
+    couplings = [m for m in glow.modules() if isinstance(m, AffineCoupling)]
+    assert couplings and all(m.inverse_bound == IMAGE_INVERSE_BOUND for m in couplings)
+
+    def unbounded(z):
+        for m in couplings:
+            m.inverse_bound = None
+        try:
+            return glow.generate(z)
+        finally:
+            for m in couplings:
+                m.inverse_bound = IMAGE_INVERSE_BOUND
+    z = torch.randn(4, 64)
+    assert torch.equal(glow.generate(z), unbounded(z))
+    far = (1e30 * torch.randn(4, 64)).requires_grad_()
+    x = glow.generate(far)
+    x.square().sum().backward()
+    assert torch.isfinite(x).all() and torch.isfinite(far.grad).all()
+    assert x.abs().max() < 10 * IMAGE_INVERSE_BOUND < unbounded(far).abs().max()
 
 
 def test_glow_flat_latent_helpers():

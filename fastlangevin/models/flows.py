@@ -87,6 +87,11 @@ class InvertibleLinear(nn.Module):
 
 
 SCALE_FLOOR = 0.05  # an affine coupling's smallest scale: its inverse grows a value at most 1/0.05 = 20×
+# The bound on each coupling's inverse output in GLOW's image flow, whose data lie in ±0.5: on mnist5k's GLOW the
+# activations of N(0, I) latents stay under 12.3 in 99 % of samples (8.4 median), but one latent in a thousand
+# runs away (1e5, and 1e34 or inf at 1.15× the prior's scale): the 20× per coupling compounds with the
+# conditioning nets' shifts. A Langevin chain through G evaluates ~1e4 latents per iteration and found them.
+IMAGE_INVERSE_BOUND = 100.0
 
 
 class AffineCoupling(nn.Module):
@@ -95,13 +100,18 @@ class AffineCoupling(nn.Module):
     (δ, 1), near 0.89 at the start. GLOW's plain σ(h + 2) lets the inverse divide by e⁻¹⁰⁰ where the net sees inputs
     far from its training range (a Langevin chain through G = flow⁻¹ found such latents: G overflowed); the floor
     bounds each coupling's inverse to a 20× growth.
-    ``make_net(in_channels, out_channels)`` builds the conditioning net (an MLP for vectors, a conv net for images)."""
+    ``make_net(in_channels, out_channels)`` builds the conditioning net (an MLP for vectors, a conv net for images).
+    ``inverse_bound``: the inverse clamps its output to ±bound (None: unbounded), so that G = flow⁻¹ stays finite
+    where it runs away; values that far out of the data's range get no gradient, and the forward pass (training,
+    the likelihood) is unchanged."""
 
-    def __init__(self, channels: int, make_net: Callable[[int, int], nn.Module]):
+    def __init__(self, channels: int, make_net: Callable[[int, int], nn.Module], inverse_bound: float | None = None):
         super().__init__()
         if channels < 2:
             raise ValueError(f"an affine coupling needs at least 2 channels, got {channels}")
-        self.split = channels // 2
+        if inverse_bound is not None and not 0 < inverse_bound < math.inf:
+            raise ValueError(f"inverse_bound must be None or a finite float > 0, got {inverse_bound!r}")
+        self.split, self.inverse_bound = channels // 2, inverse_bound
         self.net = make_net(self.split, 2 * (channels - self.split))
 
     def _shift_log_scale(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +127,8 @@ class AffineCoupling(nn.Module):
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         y_a, y_b = y[:, :self.split], y[:, self.split:]
         shift, log_scale = self._shift_log_scale(y_a)
-        return torch.cat([y_a, y_b * (-log_scale).exp() - shift], 1)
+        x = torch.cat([y_a, y_b * (-log_scale).exp() - shift], 1)
+        return x if self.inverse_bound is None else x.clamp(-self.inverse_bound, self.inverse_bound)
 
 
 class Squeeze(nn.Module):
@@ -155,9 +166,12 @@ class FlowSequence(nn.Module):
         return y
 
 
-def flow_step(channels: int, make_net: Callable[[int, int], nn.Module]) -> FlowSequence:
-    """One step of GLOW: actnorm → invertible 1×1 conv (linear map on vectors) → affine coupling."""
-    return FlowSequence([ActNorm(channels), InvertibleLinear(channels), AffineCoupling(channels, make_net)])
+def flow_step(channels: int, make_net: Callable[[int, int], nn.Module],
+              inverse_bound: float | None = None) -> FlowSequence:
+    """One step of GLOW: actnorm → invertible 1×1 conv (linear map on vectors) → affine coupling (its inverse
+    clamped to ±``inverse_bound``, see ``AffineCoupling``)."""
+    return FlowSequence([ActNorm(channels), InvertibleLinear(channels),
+                         AffineCoupling(channels, make_net, inverse_bound)])
 
 
 class VectorFlow(FlowSequence):

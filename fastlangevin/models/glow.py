@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fastlangevin.models.base import LatentGenerativeModel
-from fastlangevin.models.flows import FlowSequence, Squeeze, VectorFlow, flow_step
+from fastlangevin.models.flows import IMAGE_INVERSE_BOUND, FlowSequence, Squeeze, VectorFlow, flow_step
 from fastlangevin.models.nets import coupling_convnet
 
 
@@ -48,7 +48,8 @@ class SplitPrior(nn.Module):
 class MultiScaleFlow(nn.Module):
     """x (B, C, H, W) ↔ z (B, C·H·W). Each of ``n_levels`` levels: squeeze, ``n_steps`` flow steps, then (except
     after the last level, and only if ``multiscale``) a SplitPrior that sends half the channels to the latent.
-    z concatenates the flattened ε of every split, in order, then the last level's output (``latent_shapes``)."""
+    z concatenates the flattened ε of every split, in order, then the last level's output (``latent_shapes``).
+    The couplings' inverses are bounded (``flows.IMAGE_INVERSE_BOUND``): G = flow⁻¹ stays finite everywhere."""
 
     def __init__(self, image_shape, n_levels: int, n_steps: int, hidden: int, depth: int, multiscale: bool):
         super().__init__()
@@ -60,7 +61,8 @@ class MultiScaleFlow(nn.Module):
         self.levels, self.splits, self.latent_shapes = nn.ModuleList(), nn.ModuleList(), []
         for level in range(n_levels):
             c, h, w = 4 * c, h // 2, w // 2
-            self.levels.append(FlowSequence([Squeeze()] + [flow_step(c, make_net) for _ in range(n_steps)]))
+            self.levels.append(FlowSequence([Squeeze()] + [flow_step(c, make_net, IMAGE_INVERSE_BOUND)
+                                                           for _ in range(n_steps)]))
             if multiscale and level < n_levels - 1:
                 self.splits.append(SplitPrior(c))
                 self.latent_shapes.append((c - c // 2, h, w))
