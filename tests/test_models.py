@@ -117,21 +117,22 @@ def test_glow_inverse_and_logdet(name):
 
 
 def test_image_glow_generator_is_bounded_where_its_inverse_runs_away():
-    """G = flow⁻¹ with every coupling's inverse clamped to ±IMAGE_INVERSE_BOUND: unchanged on typical latents,
-    finite with a finite gradient far outside them (where the unbounded inverse grows without limit)."""
+    """G = flow⁻¹ with every coupling's, split's and level's inverse output clamped to ±IMAGE_INVERSE_BOUND:
+    unchanged on typical latents, finite with a finite gradient far outside them (where the unbounded inverse grows
+    without limit)."""
     torch.manual_seed(0)
     glow = Glow((1, 8, 8), n_levels=2, n_steps=2, hidden=8)
     glow(torch.rand(16, 1, 8, 8) - 0.5)  # data-dependent actnorm init
-    couplings = [m for m in glow.modules() if isinstance(m, AffineCoupling)]
-    assert couplings and all(m.inverse_bound == IMAGE_INVERSE_BOUND for m in couplings)
+    bounded = [m for m in glow.modules() if isinstance(m, AffineCoupling)] + [glow.flow]
+    assert len(bounded) == 5 and all(m.inverse_bound == IMAGE_INVERSE_BOUND for m in bounded)
 
     def unbounded(z):
-        for m in couplings:
+        for m in bounded:
             m.inverse_bound = None
         try:
             return glow.generate(z)
         finally:
-            for m in couplings:
+            for m in bounded:
                 m.inverse_bound = IMAGE_INVERSE_BOUND
     z = torch.randn(4, 64)
     assert torch.equal(glow.generate(z), unbounded(z))

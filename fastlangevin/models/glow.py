@@ -40,16 +40,22 @@ class SplitPrior(nn.Module):
         mean, log_std = self._mean_log_std(h_a)
         return h_a, (h_b - mean) * (-log_std).exp(), -log_std.flatten(1).sum(1)
 
-    def inverse(self, h_a: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def inverse(self, h_a: torch.Tensor, eps: torch.Tensor, bound: float | None = None) -> torch.Tensor:
+        """(h_a, ε) → h. ``bound``: σ at most ``bound`` and h clamped to ±bound (a finite G where h_a runs away,
+        see ``MultiScaleFlow``; no inf reaches the backward pass, where it would turn 0·∞ into NaN)."""
         mean, log_std = self._mean_log_std(h_a)
-        return torch.cat([h_a, mean + log_std.exp() * eps], 1)
+        if bound is None:
+            return torch.cat([h_a, mean + log_std.exp() * eps], 1)
+        h_b = mean + log_std.clamp(max=math.log(bound)).exp() * eps
+        return torch.cat([h_a, h_b], 1).clamp(-bound, bound)
 
 
 class MultiScaleFlow(nn.Module):
     """x (B, C, H, W) ↔ z (B, C·H·W). Each of ``n_levels`` levels: squeeze, ``n_steps`` flow steps, then (except
     after the last level, and only if ``multiscale``) a SplitPrior that sends half the channels to the latent.
     z concatenates the flattened ε of every split, in order, then the last level's output (``latent_shapes``).
-    The couplings' inverses are bounded (``flows.IMAGE_INVERSE_BOUND``): G = flow⁻¹ stays finite everywhere."""
+    The inverse is bounded (``flows.IMAGE_INVERSE_BOUND``: every coupling's and split's output, each level's
+    output): G = flow⁻¹ and its gradient stay finite everywhere, and are unchanged where no value reaches the bound."""
 
     def __init__(self, image_shape, n_levels: int, n_steps: int, hidden: int, depth: int, multiscale: bool):
         super().__init__()
@@ -58,10 +64,11 @@ class MultiScaleFlow(nn.Module):
             raise ValueError(f"GLOW with {n_levels} levels needs height and width divisible by {2 ** n_levels}, got "
                              f"{h}×{w} (use fewer levels or pad the images)")
         make_net = functools.partial(coupling_convnet, hidden=hidden, n_blocks=depth)
+        self.inverse_bound = IMAGE_INVERSE_BOUND
         self.levels, self.splits, self.latent_shapes = nn.ModuleList(), nn.ModuleList(), []
         for level in range(n_levels):
             c, h, w = 4 * c, h // 2, w // 2
-            self.levels.append(FlowSequence([Squeeze()] + [flow_step(c, make_net, IMAGE_INVERSE_BOUND)
+            self.levels.append(FlowSequence([Squeeze()] + [flow_step(c, make_net, self.inverse_bound)
                                                            for _ in range(n_steps)]))
             if multiscale and level < n_levels - 1:
                 self.splits.append(SplitPrior(c))
@@ -92,10 +99,12 @@ class MultiScaleFlow(nn.Module):
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         parts = self.unflatten_latent(z)
         x = parts[-1]
+        bound = self.inverse_bound
         for i in reversed(range(len(self.levels))):
             if i < len(self.splits):
-                x = self.splits[i].inverse(x, parts[i])
+                x = self.splits[i].inverse(x, parts[i], bound)
             x = self.levels[i].inverse(x)
+            x = x if bound is None else x.clamp(-bound, bound)
         return x
 
 
