@@ -379,6 +379,23 @@ def test_sample_quality_adds_the_frechet_distance_for_images(digits_classifier, 
     assert "frechet_distance" not in toy and "frechet_features" not in toy
 
 
+def test_images_are_scored_clamped_to_the_pixel_range(digits_classifier):
+    """A generator's out-of-range pixels (GLOW's G(z) is not clamped) are scored as a saved image shows them: the
+    metrics of the clamped samples, with the share that was out of range reported; toys are not clamped."""
+    reference = make_dataset("digits", split="test")
+    samples = make_dataset("digits", split="train").tensors()[0][:200].clone()
+    samples[:3] = 40 * samples[:3] - 5  # three runaway samples
+    q = sample_quality(samples, reference)
+    clamped = sample_quality(samples.clamp(0, 1), reference)
+    for key in ("mmd2", "energy_distance", "frechet_distance"):
+        assert q[key] == clamped[key], key
+    assert q["out_of_range"] == float(((samples < 0) | (samples > 1)).float().mean()) > 0 == clamped["out_of_range"]
+    toy = torch.randn(50, 2) * 5
+    toys = make_dataset("25gaussians", split="test", n_samples=50)
+    assert "out_of_range" not in sample_quality(toy, toys)
+    assert sample_quality(toy, toys)["mmd2"] != sample_quality(toy.clamp(0, 1), toys)["mmd2"]
+
+
 def test_tilt_can_stop_on_the_frechet_distance(digits_classifier, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert STOP_ON["frechet_distance"] == -1.0  # lower is better

@@ -23,21 +23,28 @@ def sample_quality(samples: torch.Tensor, reference, bandwidths: list[float] | N
     fastlangevin's classifier for the data set (trained on ``make_dataset(reference.name, data_dir, "train",
     seed=data_seed)`` once and cached; ``frechet_features`` names it) and, with ``inception``, the standard
     ``inception_fid`` where a backend runs offline, else ``inception_fid_skipped`` with the reason.
+    Images are scored as they would be saved, clamped to the data's [0, 1] pixel range (GLOW's G(z) is not clamped
+    inside the model, so that its chains keep their gradients; a few runaway pixels would otherwise decide the
+    Fréchet distance); ``out_of_range`` is the share of pixel values that were outside it.
     """
     from fastlangevin.metrics.frechet import frechet_classifier_distance
     from fastlangevin.metrics.inception import InceptionUnavailable, inception_fid
 
     x_ref = reference.tensors()[0]
     samples = samples.detach().cpu().float()
+    image = len(reference.sample_shape) == 3
+    out = {"n_samples": int(samples.shape[0]), "n_reference": int(x_ref.shape[0])}
+    if image:
+        out["out_of_range"] = float(((samples < 0) | (samples > 1)).float().mean())
+        samples = samples.clamp(0, 1)
     if bandwidths is None:
         bandwidths = default_bandwidths(x_ref)
-    out = {"n_samples": int(samples.shape[0]), "n_reference": int(x_ref.shape[0]),
-           "mmd2": mmd2(samples, x_ref, bandwidths), "energy_distance": energy_distance(samples, x_ref),
-           "mmd_bandwidths": [float(b) for b in bandwidths]}
+    out.update(mmd2=mmd2(samples, x_ref, bandwidths), energy_distance=energy_distance(samples, x_ref),
+               mmd_bandwidths=[float(b) for b in bandwidths])
     if getattr(reference, "modes", None) is not None:
         cov = mode_coverage(samples, reference.modes, reference.mode_std)
         out.update(modes_covered=cov.modes_covered, n_modes=cov.n_modes, high_quality=cov.high_quality)
-    if len(reference.sample_shape) == 3:
+    if image:
         out["frechet_distance"], out["frechet_features"] = frechet_classifier_distance(samples, reference, data_dir,
                                                                                        data_seed=data_seed)
         if inception:
