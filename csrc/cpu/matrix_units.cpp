@@ -1,16 +1,16 @@
 // Whether a bfloat16 matrix unit can run here (mlp_chain.h: matrix_unit_status): compiled in, present in the CPU
-// (cpuid), its register state enabled by the OS (xgetbv), and for AMX the tile data permission that Linux grants a
-// process on request (arch_prctl ARCH_REQ_XCOMP_PERM, since 5.16). Compiled like the other kernels, not with the
-// bfloat16 flags: it runs before anything knows that they are safe. The bfloat16 kernels are compiled for the
-// AVX-512 level (x86-64-v4) plus their own instructions, so the whole level is checked too.
+// and its register state enabled by the OS (cpu_features(): cpuid and xgetbv), and for AMX the tile data permission
+// that Linux grants a process on request (arch_prctl ARCH_REQ_XCOMP_PERM, since 5.16). Compiled like the other
+// kernels, not with the bfloat16 flags: it runs before anything knows that they are safe. The bfloat16 kernels are
+// compiled for the AVX-512 level (x86-64-v4) plus their own instructions, so the whole level is checked too.
 #include <string>
 
 #include "fastlangevin/codes.h"
+#include "fastlangevin/cpu_features.h"
 #include "fastlangevin/cpu_matrix_units.h"
 #include "fastlangevin/mlp_chain.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <cpuid.h>
 #define FL_X86_64 1
 #endif
 #if defined(FL_X86_64) && defined(__linux__)
@@ -26,47 +26,22 @@ namespace cpu {
 namespace {
 
 #ifdef FL_X86_64
-struct Regs {
-  unsigned a = 0, b = 0, c = 0, d = 0;
-};
-
-Regs cpuid(unsigned leaf, unsigned subleaf) {
-  Regs r;
-  if (!__get_cpuid_count(leaf, subleaf, &r.a, &r.b, &r.c, &r.d)) r = Regs{};
-  return r;
-}
-
-bool bit(unsigned reg, int i) { return (reg >> i) & 1u; }
-
-unsigned long long xcr0() {
-  unsigned lo, hi;
-  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  return ((unsigned long long)hi << 32) | lo;
-}
-
 // What the CPU and OS offer the bfloat16 kernels: "" or why not, per unit (before the AMX permission).
 struct Offer {
   std::string avx512_bf16, amx_bf16;
 };
 
 Offer cpu_offer() {
-  const Regs l1 = cpuid(1, 0), l7 = cpuid(7, 0), l7s1 = cpuid(7, 1), e1 = cpuid(0x80000001u, 0);
-  const bool osxsave = bit(l1.c, 27);
-  const unsigned long long x = osxsave ? xcr0() : 0;
-  // x86-64-v4: v3 (AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE) and AVX-512 F, DQ, CD, BW, VL, with the YMM/ZMM state on.
-  const bool v3 = bit(l1.c, 12) && bit(l1.c, 22) && bit(l1.c, 28) && bit(l1.c, 29) && bit(l7.b, 3) &&
-                  bit(l7.b, 5) && bit(l7.b, 8) && bit(e1.c, 5) && (x & 0x6) == 0x6;
-  const bool v4 = v3 && bit(l7.b, 16) && bit(l7.b, 17) && bit(l7.b, 28) && bit(l7.b, 30) && bit(l7.b, 31) &&
-                  (x & 0xE0) == 0xE0;
+  const CpuFeatures f = cpu_features();
   Offer o;
-  if (!v4) {
+  if (f.level < kLevelAvx512) {
     o.avx512_bf16 = o.amx_bf16 = "this CPU or OS lacks the AVX-512 level (x86-64-v4) the bfloat16 kernels build on";
     return o;
   }
-  if (!bit(l7s1.a, 5)) o.avx512_bf16 = "this CPU has no AVX512-BF16 (cpuid leaf 7.1 EAX bit 5)";
-  if (!(bit(l7.d, 22) && bit(l7.d, 24)))
+  if (!f.avx512_bf16) o.avx512_bf16 = "this CPU has no AVX512-BF16 (cpuid leaf 7.1 EAX bit 5)";
+  if (!(f.amx_bf16 && f.amx_tile))
     o.amx_bf16 = "this CPU has no AMX-BF16 tiles (cpuid leaf 7 EDX bits 22, 24)";
-  else if ((x & 0x60000) != 0x60000)
+  else if (!f.os_amx)
     o.amx_bf16 = "the OS does not enable the AMX tile state (XCR0 bits 17, 18)";
   else if (!o.avx512_bf16.empty())  // the AMX engine converts X with AVX512-BF16 instructions
     o.amx_bf16 = o.avx512_bf16;

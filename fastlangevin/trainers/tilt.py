@@ -225,7 +225,8 @@ def sample_run(run_dir: str | os.PathLike, *, n: int = 2000, seed: int = 0, n_st
     snapshots = langevin_transition(tilted, z0, transition_steps(n_steps or tilt_config["sample_steps"]),
                                     tilt_config["step_size"], base.generate, seed=seed, prior="normal",
                                     clip_grad=tilt_config.get("clip_grad"))
-    plot_transition(snapshots, os.path.join(run_dir, "langevin_transition.png"), "tilted chains", data)
+    plot_transition(snapshots, os.path.join(run_dir, "langevin_transition.png"),
+                    f"{base_config['model']} tilted chains", data)
     return path
 
 

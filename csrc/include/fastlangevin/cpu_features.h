@@ -31,8 +31,8 @@
 // after checking the features it needs: the bfloat16 matrix units, csrc/cpu/mlp_chain_bf16.cpp, are compiled
 // (x86-64-v4 + AVX512-BF16 + AMX) into the AVX-512 module only (its std template copies could be linked for the
 // whole module; the other modules get the file without the units), and run only after matrix_unit_status
-// (csrc/cpu/matrix_units.cpp: the same cpuid/xgetbv bits as avx512_bf16, amx_bf16 && os_amx here, plus Linux's
-// per-process AMX permission, arch_prctl(ARCH_REQ_XCOMP_PERM)) allowed them.
+// (csrc/cpu/matrix_units.cpp: level avx512 and avx512_bf16, or amx_bf16, amx_tile and os_amx, from cpu_features()
+// here, plus Linux's per-process AMX permission, arch_prctl(ARCH_REQ_XCOMP_PERM)) allowed them.
 #ifndef FASTLANGEVIN_CPU_FEATURES_H_
 #define FASTLANGEVIN_CPU_FEATURES_H_
 
