@@ -240,6 +240,19 @@ def test_gaussian_run_directory(runs):
     assert load_checkpoint(g / "vae.safetensors")["step"] == 4
 
 
+def test_decoder_option_reaches_the_model_and_the_saved_config(tmp_path):
+    out = tmp_path / "bernoulli"
+    commands.main(["train-prior", "gaussian", "--out", str(out), "--steps", "2", "--decoder", "bernoulli",
+                   "--no-progress", *TINY_CLI])
+    config = json.loads((out / "config.json").read_text())["vae"]
+    assert config["decoder"] == "bernoulli" and config["model_config"]["decoder"] == "bernoulli"
+    vae, _, _ = load_run(out)
+    assert vae.decoder == "bernoulli"
+    with pytest.raises(SystemExit) as refused:
+        commands.main(["train-prior", "gaussian", "--out", str(tmp_path / "bad"), "--decoder", "laplace", *TINY_CLI])
+    assert refused.value.code == 2 and not (tmp_path / "bad").exists()
+
+
 def test_joint_run_directory_and_resume(runs, tmp_path):
     j = runs / "j"
     for name in ("config.json", "vae.safetensors", "ebm.safetensors", "metrics.json", "samples.png",

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from fastlangevin.models.hierarchical import EpsilonEnergy, HierarchicalVAE, channels_for_params
+from fastlangevin.models.hierarchical import DECODERS, EpsilonEnergy, HierarchicalVAE, channels_for_params
 from fastlangevin.trainers.chains import langevin_transition, run_chain
 from fastlangevin.trainers.loop import train
 from fastlangevin.trainers.quality import plot_panels, plot_transition, sample_quality
@@ -120,10 +120,13 @@ class VAESettings(DataSettings, SeedSettings):
     param_factor: float | None = setting(None, "instead of --channels: the width for this multiple of the "
                                                "parameters (the 2x / 4x baselines)", above=0, exclusive="width")
     n_cells: int = setting(1, "residual cells per resolution", low=0)
+    decoder: str = setting("gaussian", "p(x|z): N(sigmoid(logits), 0.15^2) or Bernoulli(logits) (binary-ish "
+                                       "data: on MNIST the Gaussian's saturates to black at lr 1e-3)",
+                           choices=DECODERS)
 
     def vae_config(self, data_shape) -> dict:
         config = dict(data_shape=list(data_shape), latent_channels=list(self.latent_channels), channels=self.channels,
-                      n_cells=self.n_cells)
+                      n_cells=self.n_cells, decoder=self.decoder)
         if self.param_factor is not None:
             config["channels"] = channels_for_params(self.param_factor, **config)
         return config
